@@ -1,0 +1,264 @@
+"""replaylog: the article's Redis replay log (broadcast, unspool, prune), done right, in Rust.
+
+The module-level functions use a default :class:`ReplayLog`, built on first use, never at import.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterable, Mapping
+from typing import Any, Callable, Optional
+
+from . import _settings
+from ._errors import (
+    ConfigurationError,
+    ConnectionError,
+    OutOfMemoryError,
+    PermissionDeniedError,
+    ReadOnlyError,
+    RedisRefusedError,
+    ReplayLogError,
+    TimeoutError,
+)
+from ._native import NativeLog
+
+__all__ = [
+    "ConfigurationError",
+    "ConnectionError",
+    "OutOfMemoryError",
+    "PermissionDeniedError",
+    "ReadOnlyError",
+    "RedisRefusedError",
+    "ReplayLog",
+    "ReplayLogError",
+    "TimeoutError",
+    "broadcast",
+    "broadcast_many",
+    "configure",
+    "get_default",
+    "prune_replay_logs",
+    "unspool",
+    "unspool_many",
+]
+
+Default = Optional[Callable[[Any], Any]]
+
+# Errors read as replaylog.ConnectionError in tracebacks, the name users catch them by.
+for _error in (
+    ConfigurationError, ConnectionError, OutOfMemoryError, PermissionDeniedError,
+    ReadOnlyError, RedisRefusedError, ReplayLogError, TimeoutError,
+):
+    _error.__module__ = __name__
+
+
+class ReplayLog:
+    """A replay log on one Redis server: ``broadcast``, ``unspool`` and ``prune_replay_logs``.
+
+    Settings left as ``None`` come from Django settings, then the environment, then defaults:
+    ``REPLAYLOG_URL``, ``EXPIRE_REPLAY_LOGS_MS``, ``REPLAYLOG_CONNECT_TIMEOUT``,
+    ``REPLAYLOG_RESPONSE_TIMEOUT``, ``REPLAYLOG_CHANNEL_PREFIX`` and ``REPLAYLOG_LOG_PREFIX``.
+    ``expire_ms`` left as ``None`` is looked up again at each prune, so a changed setting counts.
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        expire_ms: int | None = None,
+        connect_timeout: float | None = None,
+        response_timeout: float | None = None,
+        channel_prefix: str | None = None,
+        log_prefix: str | None = None,
+        default: Default = None,
+    ) -> None:
+        resolve = _settings.resolve
+        self._url = resolve("REPLAYLOG_URL", url, _settings.as_url)
+        self._expire_ms = (
+            None if expire_ms is None else _settings.as_expire_ms("expire_ms", expire_ms)
+        )
+        self.connect_timeout: float = resolve(
+            "REPLAYLOG_CONNECT_TIMEOUT", connect_timeout, _settings.as_seconds
+        )
+        self.response_timeout: float = resolve(
+            "REPLAYLOG_RESPONSE_TIMEOUT", response_timeout, _settings.as_seconds
+        )
+        self.channel_prefix: str = resolve(
+            "REPLAYLOG_CHANNEL_PREFIX", channel_prefix, _settings.as_prefix
+        )
+        self.log_prefix: str = resolve("REPLAYLOG_LOG_PREFIX", log_prefix, _settings.as_prefix)
+        if default is not None and not callable(default):
+            raise TypeError(f"default must be callable, got {type(default).__name__}")
+        self.default = default
+        self._native = NativeLog(
+            self._url,
+            _settings.mask_url(self._url),
+            self.connect_timeout,
+            self.response_timeout,
+            self.channel_prefix,
+            self.log_prefix,
+        )
+
+    @property
+    def url(self) -> str:
+        """The Redis URL, with any password masked."""
+        return _settings.mask_url(self._url)
+
+    @property
+    def expire_ms(self) -> int:
+        """How old, in milliseconds, an entry may get before ``prune_replay_logs`` removes it."""
+        if self._expire_ms is not None:
+            return self._expire_ms
+        return _settings.resolve("EXPIRE_REPLAY_LOGS_MS", None, _settings.as_expire_ms)
+
+    def __repr__(self) -> str:
+        return (
+            f"ReplayLog(url={self.url!r}, channel_prefix={self.channel_prefix!r}, "
+            f"log_prefix={self.log_prefix!r})"
+        )
+
+    def broadcast(
+        self, channel: str, event_name: str, content: Any, *, default: Default = None
+    ) -> int:
+        """Publish on ``mq:<channel>`` and store in ``replay:<channel>`` in one atomic step.
+
+        Returns the message's timestamp (ms, Redis clock), strictly greater than the channel's
+        previous one, which is also its cursor for :meth:`unspool`.
+        """
+        return self._native.broadcast(channel, event_name, content, default or self.default)
+
+    def broadcast_many(
+        self, items: Iterable[tuple[str, str, Any]], *, default: Default = None
+    ) -> list[int]:
+        """Broadcast many ``(channel, event_name, content)`` in one round trip.
+
+        Every item is serialized before anything is sent, so one bad item writes nothing.
+        Each message is its own atomic step; the timestamps come back in order.
+        """
+        return self._native.broadcast_many(list(items), default or self.default)
+
+    def unspool(
+        self, channel: str, since: int | float | str = 0, *, raw: bool = False,
+        limit: int | None = None,
+    ) -> list[Any]:
+        """The messages of ``channel`` with a timestamp greater than ``since``, oldest first.
+
+        With ``raw=True`` the stored JSON strings come back untouched, ready to forward.
+        """
+        return self._native.unspool(channel, since, raw, limit)
+
+    def unspool_many(
+        self, cursors: Mapping[str, int | float | str], *, raw: bool = False,
+        limit: int | None = None,
+    ) -> dict[str, list[Any]]:
+        """:meth:`unspool` for many ``{channel: since}`` at once, in one round trip."""
+        if not isinstance(cursors, Mapping):
+            raise TypeError(f"cursors must be a mapping, got {type(cursors).__name__}")
+        return self._native.unspool_many(list(cursors.items()), raw, limit)
+
+    def prune_replay_logs(self, expire_ms: int | None = None) -> int:
+        """Trim entries older than ``expire_ms`` (default: the setting) from every log.
+
+        Walks the keyspace with SCAN, never KEYS, and pipelines the trims in batches.
+        Returns how many entries it removed.
+        """
+        expire = self.expire_ms if expire_ms is None else _settings.as_expire_ms(
+            "expire_ms", expire_ms
+        )
+        return self._native.prune(expire)
+
+    def close(self) -> None:
+        """Drop this log's connection; the next call opens a new one."""
+        self._native.close()
+
+
+_default_log: ReplayLog | None = None
+_default_lock = threading.Lock()
+
+
+def get_default() -> ReplayLog:
+    """The :class:`ReplayLog` the module-level functions use, built from settings on first use."""
+    log = _default_log
+    if log is None:
+        with _default_lock:
+            log = _default_log
+            if log is None:
+                log = _install_default(ReplayLog())
+    return log
+
+
+def configure(**settings: Any) -> ReplayLog:
+    """Replace the default :class:`ReplayLog` with one built from ``settings``."""
+    with _default_lock:
+        return _install_default(ReplayLog(**settings))
+
+
+def reset_default() -> None:
+    """Forget the default log; the next module-level call builds it again from settings."""
+    global _default_log
+    with _default_lock:
+        old, _default_log = _default_log, None
+    if old is not None:
+        old.close()
+
+
+def _install_default(log: ReplayLog) -> ReplayLog:
+    global _default_log
+    old, _default_log = _default_log, log
+    if old is not None:
+        old.close()
+    _watch_django_settings()
+    return log
+
+
+_watching_django = False
+
+
+def _watch_django_settings() -> None:
+    """Rebuild the default log when a replaylog setting changes (``override_settings``)."""
+    global _watching_django
+    if _watching_django or _settings._django_settings() is None:
+        return
+    from django.core.signals import setting_changed
+
+    def on_setting_changed(setting: str, **kwargs: Any) -> None:
+        if setting in _settings.SETTINGS:
+            reset_default()
+
+    setting_changed.connect(on_setting_changed, weak=False, dispatch_uid="replaylog-settings")
+    _watching_django = True
+
+
+def broadcast(channel: str, event_name: str, content: Any, *, default: Default = None) -> int:
+    """:meth:`ReplayLog.broadcast` on the default log."""
+    return get_default().broadcast(channel, event_name, content, default=default)
+
+
+def broadcast_many(items: Iterable[tuple[str, str, Any]], *, default: Default = None) -> list[int]:
+    """:meth:`ReplayLog.broadcast_many` on the default log."""
+    return get_default().broadcast_many(items, default=default)
+
+
+def unspool(
+    channel: str, since: int | float | str = 0, *, raw: bool = False, limit: int | None = None
+) -> list[Any]:
+    """:meth:`ReplayLog.unspool` on the default log."""
+    return get_default().unspool(channel, since, raw=raw, limit=limit)
+
+
+def unspool_many(
+    cursors: Mapping[str, int | float | str], *, raw: bool = False, limit: int | None = None
+) -> dict[str, list[Any]]:
+    """:meth:`ReplayLog.unspool_many` on the default log."""
+    return get_default().unspool_many(cursors, raw=raw, limit=limit)
+
+
+def prune_replay_logs(expire_ms: int | None = None) -> int:
+    """:meth:`ReplayLog.prune_replay_logs` on the default log."""
+    return get_default().prune_replay_logs(expire_ms)
+
+
+# A forked child rebuilds its connection on first use (the native layer checks the pid too);
+# this drops the parent's handle in the child without touching the parent's sockets.
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=lambda: NativeLog._after_fork_in_child())

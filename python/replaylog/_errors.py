@@ -1,0 +1,43 @@
+"""The exceptions replaylog raises. The Rust core raises these same classes."""
+
+import builtins
+
+
+class ReplayLogError(Exception):
+    """Base class of every error replaylog raises about Redis or its configuration."""
+
+
+class ConnectionError(ReplayLogError, builtins.ConnectionError):  # noqa: A001
+    """Redis could not be reached, or the connection dropped before a reply came."""
+
+
+class TimeoutError(ConnectionError, builtins.TimeoutError):  # noqa: A001
+    """Redis did not connect or answer within the configured timeout."""
+
+
+class RedisRefusedError(ReplayLogError):
+    """Redis refused the command; ``code`` is its error code, e.g. ``"OOM"``."""
+
+    code: str = "ERR"
+
+
+class OutOfMemoryError(RedisRefusedError):
+    """Redis is over ``maxmemory`` with a ``noeviction`` policy and refuses writes."""
+
+    code = "OOM"
+
+
+class ReadOnlyError(RedisRefusedError):
+    """The server is a read-only replica."""
+
+    code = "READONLY"
+
+
+class PermissionDeniedError(RedisRefusedError):
+    """The ACL user lacks a permission the command needs."""
+
+    code = "NOPERM"
+
+
+class ConfigurationError(ReplayLogError, ValueError):
+    """A setting (URL, expiry, timeout, prefix) is malformed."""

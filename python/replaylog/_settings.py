@@ -1,0 +1,117 @@
+"""Settings lookup: explicit argument, then Django settings, then the environment, then defaults."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Callable
+
+from ._errors import ConfigurationError
+
+DEFAULT_URL = "redis://localhost:6379/0"
+DEFAULT_EXPIRE_MS = 3_600_000
+DEFAULT_CONNECT_TIMEOUT = 2.0
+DEFAULT_RESPONSE_TIMEOUT = 5.0
+DEFAULT_CHANNEL_PREFIX = "mq:"
+DEFAULT_LOG_PREFIX = "replay:"
+
+# setting name -> (environment variable, default)
+SETTINGS: dict[str, tuple[str, Any]] = {
+    "REPLAYLOG_URL": ("REPLAYLOG_URL", DEFAULT_URL),
+    "EXPIRE_REPLAY_LOGS_MS": ("EXPIRE_REPLAY_LOGS_MS", DEFAULT_EXPIRE_MS),
+    "REPLAYLOG_CONNECT_TIMEOUT": ("REPLAYLOG_CONNECT_TIMEOUT", DEFAULT_CONNECT_TIMEOUT),
+    "REPLAYLOG_RESPONSE_TIMEOUT": ("REPLAYLOG_RESPONSE_TIMEOUT", DEFAULT_RESPONSE_TIMEOUT),
+    "REPLAYLOG_CHANNEL_PREFIX": ("REPLAYLOG_CHANNEL_PREFIX", DEFAULT_CHANNEL_PREFIX),
+    "REPLAYLOG_LOG_PREFIX": ("REPLAYLOG_LOG_PREFIX", DEFAULT_LOG_PREFIX),
+}
+
+
+def _django_settings() -> Any | None:
+    """Django's settings object when Django is imported and configured; never imports Django."""
+    if "django.conf" not in sys.modules:
+        return None
+    settings = sys.modules["django.conf"].settings
+    return settings if settings.configured else None
+
+
+def lookup(name: str) -> Any:
+    """The raw value of a setting, from Django, the environment or the default, in that order."""
+    env_name, default = SETTINGS[name]
+    django_settings = _django_settings()
+    if django_settings is not None and hasattr(django_settings, name):
+        return getattr(django_settings, name)
+    if env_name in os.environ:
+        return os.environ[env_name]
+    return default
+
+
+def resolve(name: str, explicit: Any, convert: Callable[[str, Any], Any]) -> Any:
+    return convert(name, lookup(name) if explicit is None else explicit)
+
+
+def as_url(name: str, value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigurationError(f"{name} must be a non-empty string, got {type(value).__name__}")
+    scheme = value.split("://", 1)[0] if "://" in value else ""
+    if scheme not in ("redis", "rediss", "unix", "redis+unix"):
+        raise ConfigurationError(
+            f"{name} must be a redis://, rediss:// or unix:// URL, got {mask_url(value)!r}"
+        )
+    return value
+
+
+def as_expire_ms(name: str, value: Any) -> int:
+    if isinstance(value, bool):
+        raise ConfigurationError(f"{name} must be a positive integer of milliseconds, got a bool")
+    if isinstance(value, str):
+        try:
+            value = int(value.strip())
+        except ValueError:
+            raise ConfigurationError(
+                f"{name} must be a positive integer of milliseconds, got {value!r}"
+            ) from None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int) or value <= 0:
+        raise ConfigurationError(
+            f"{name} must be a positive integer of milliseconds, got {value!r}"
+        )
+    return value
+
+
+def as_seconds(name: str, value: Any) -> float:
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        raise ConfigurationError(f"{name} must be a number of seconds, got {value!r}") from None
+    if isinstance(value, bool) or not (0 < seconds < 86_400):
+        raise ConfigurationError(f"{name} must be between 0 and 86400 seconds, got {value!r}")
+    return seconds
+
+
+def as_prefix(name: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise ConfigurationError(f"{name} must be a string, got {type(value).__name__}")
+    return value
+
+
+def mask_url(url: str) -> str:
+    """The URL with any password replaced by ``***``, for messages and reprs."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    netloc, slash, tail = rest.partition("/")
+    if "@" in netloc:
+        userinfo, host = netloc.rsplit("@", 1)
+        user = userinfo.split(":", 1)[0] if ":" in userinfo else ""
+        netloc = f"{user}:***@{host}" if ":" in userinfo else f"***@{host}"
+    masked_tail = tail
+    if "pass=" in tail or "password=" in tail:
+        query_start = tail.find("?")
+        params = tail[query_start + 1 :].split("&")
+        params = [
+            p.split("=", 1)[0] + "=***" if p.split("=", 1)[0] in ("pass", "password") else p
+            for p in params
+        ]
+        masked_tail = tail[: query_start + 1] + "&".join(params)
+    return f"{scheme}://{netloc}{slash}{masked_tail}"

@@ -1,0 +1,100 @@
+"""pytest plugin (entry point ``pytest11``): a real redis-server for replaylog in users' suites.
+
+Fixtures:
+
+- ``replaylog_redis_proc``: a redis-server on a free loopback port, one per session, started
+  by pytest-redis's process factory.
+- ``replaylog_url``: its ``redis://`` URL.
+- ``replay_log``: a :class:`replaylog.ReplayLog` on that server, installed as the default log, so
+  code under test that calls ``replaylog.broadcast`` writes there. Redis is flushed before each test.
+  For the test's duration ``REPLAYLOG_URL`` points at that server in the environment and, when
+  Django is configured, in Django settings too, so the default log rebuilt after an
+  ``override_settings`` of another replaylog setting still uses the test server.
+
+Usage, in a Django project's tests::
+
+    def test_say(client, replay_log):
+        response = client.post("/rooms/lobby/messages/", {"text": "hi"})
+        [message] = replay_log.unspool("lobby", 0)
+        assert message["timestamp"] == response.json()["timestamp"]
+
+The plugin needs the ``pytest`` extra (``pip install 'replaylog[pytest]'``, i.e. pytest-redis);
+without it, pytest still runs and only these fixtures fail, with that hint.
+Loading this plugin imports neither replaylog's native module, Django nor Celery.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+if TYPE_CHECKING:
+    import replaylog
+
+try:
+    import pytest_redis.plugin as _pytest_redis_plugin
+    from pytest_redis import factories as _factories
+except ImportError:  # pragma: no cover - exercised only without the extra
+    _pytest_redis_plugin = None
+    _factories = None
+
+_MISSING_EXTRA = (
+    "the replaylog pytest fixtures need pytest-redis: pip install 'replaylog[pytest]'"
+)
+
+
+def pytest_addoption(parser: pytest.Parser, pluginmanager: pytest.PytestPluginManager) -> None:
+    # The process factory reads pytest-redis's options (redis_exec, ...), so make sure its plugin
+    # is registered even when entry points are not auto-loaded (PYTEST_DISABLE_PLUGIN_AUTOLOAD
+    # with ``-p replaylog``). Registered under its entry point's name, so autoload skips it later.
+    if _pytest_redis_plugin is None:
+        return
+    if not pluginmanager.is_registered(_pytest_redis_plugin) and not pluginmanager.has_plugin(
+        "pytest_redis"
+    ):
+        pluginmanager.register(_pytest_redis_plugin, "pytest_redis")
+
+
+if _factories is not None:
+    replaylog_redis_proc = _factories.redis_proc(port=None)
+else:  # pragma: no cover - exercised only without the extra
+
+    @pytest.fixture(scope="session")
+    def replaylog_redis_proc() -> Any:
+        pytest.fail(_MISSING_EXTRA, pytrace=False)
+
+
+@pytest.fixture
+def replaylog_url(replaylog_redis_proc: Any) -> str:
+    """The ``redis://`` URL of the session's test redis-server, database 0."""
+    return f"redis://{replaylog_redis_proc.host}:{replaylog_redis_proc.port}/0"
+
+
+@pytest.fixture
+def replay_log(replaylog_redis_proc: Any, replaylog_url: str) -> Iterator[replaylog.ReplayLog]:
+    """A :class:`replaylog.ReplayLog` on a freshly flushed test server, installed as the default."""
+    import redis
+
+    import replaylog
+    from replaylog import _settings
+
+    # pytest-redis depends on redis-py, so the plugin may use it; replaylog itself does not.
+    with redis.Redis(host=replaylog_redis_proc.host, port=replaylog_redis_proc.port) as client:
+        client.flushall()
+    django_override = None
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("REPLAYLOG_URL", replaylog_url)
+        if _settings._django_settings() is not None:
+            from django.test.utils import override_settings
+
+            django_override = override_settings(REPLAYLOG_URL=replaylog_url)
+            pass
+        try:
+            log = replaylog.configure(url=replaylog_url)
+            yield log
+        finally:
+            if django_override is not None:
+                django_override.disable()
+            replaylog.reset_default()

@@ -1,0 +1,82 @@
+//! Redis errors to the Python exceptions of `replaylog._errors`.
+
+use pyo3::exceptions::PyRuntimeError;
+use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::PyType;
+use redis::RedisError;
+
+/// What went wrong, decided without the GIL; made into a Python exception later.
+#[derive(Debug)]
+pub enum Failure {
+    Connection(String),
+    Timeout(String),
+    Refused { code: String, message: String },
+    Other(String),
+}
+
+impl Failure {
+    /// Classifies a redis-rs error. `context` says what we were doing and where, with any
+    /// password already masked; `secret` is scrubbed from Redis's text in case it echoes it.
+    pub fn from_redis(error: &RedisError, context: &str, secret: Option<&str>) -> Failure {
+        let text = scrub(&error.to_string(), secret);
+        if error.is_timeout() {
+            return Failure::Timeout(format!("{context}: timed out ({text})"));
+        }
+        if error.is_io_error()
+            || error.is_connection_refusal()
+            || error.is_connection_dropped()
+            || error.is_unrecoverable_error()
+        {
+            return Failure::Connection(format!("{context}: {text}"));
+        }
+        match error.code() {
+            Some(code) => Failure::Refused {
+                code: code.to_owned(),
+                message: format!("{context}: Redis refused the command: {text}"),
+            },
+            None => Failure::Other(format!("{context}: {text}")),
+        }
+    }
+
+    pub fn into_pyerr(self, py: Python<'_>) -> PyErr {
+        let (class, message) = match self {
+            Failure::Connection(m) => ("ConnectionError", m),
+            Failure::Timeout(m) => ("TimeoutError", m),
+            Failure::Refused { code, message } => (refusal_class(&code), message),
+            Failure::Other(m) => ("ReplayLogError", m),
+        };
+        match error_class(py, class) {
+            Ok(class) => PyErr::from_type(class, message),
+            Err(import_error) => import_error,
+        }
+    }
+}
+
+fn refusal_class(code: &str) -> &'static str {
+    match code {
+        "OOM" => "OutOfMemoryError",
+        "READONLY" => "ReadOnlyError",
+        "NOPERM" | "NOAUTH" | "WRONGPASS" => "PermissionDeniedError",
+        _ => "RedisRefusedError",
+    }
+}
+
+fn error_class<'py>(py: Python<'py>, name: &str) -> PyResult<Bound<'py, PyType>> {
+    static MODULE: PyOnceLock<Py<PyModule>> = PyOnceLock::new();
+    let module = MODULE.get_or_try_init(py, || {
+        PyResult::Ok(py.import("replaylog._errors")?.unbind())
+    })?;
+    module
+        .bind(py)
+        .getattr(name)?
+        .cast_into::<PyType>()
+        .map_err(|_| PyRuntimeError::new_err(format!("replaylog._errors.{name} is not a class")))
+}
+
+fn scrub(text: &str, secret: Option<&str>) -> String {
+    match secret {
+        Some(secret) if !secret.is_empty() => text.replace(secret, "***"),
+        _ => text.to_owned(),
+    }
+}

@@ -1,0 +1,337 @@
+"""The tiny Django project's own tests, written as a user of replaylog would write them.
+
+tests/test_django.py runs this file in a separate pytest process with
+``DJANGO_SETTINGS_MODULE=djangoproject.settings``, so Django is never configured inside the main
+test process (where it would change how every other test resolves replaylog's settings). The
+``replay_log`` and ``replaylog_redis_proc`` fixtures come from replaylog's pytest plugin, which that
+process loads through its ``pytest11`` entry point. ``REPLAYLOG_URL`` in the environment points at a
+port nothing listens on, so anything that escaped the test server would fail loudly.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import django
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "djangoproject.settings")
+django.setup()
+
+import pytest  # noqa: E402
+import redis  # noqa: E402
+from django.apps import apps  # noqa: E402
+from django.conf import settings  # noqa: E402
+from django.core import checks  # noqa: E402
+from django.core.management import call_command  # noqa: E402
+from django.core.management.base import SystemCheckError  # noqa: E402
+from django.test import Client, override_settings  # noqa: E402
+
+import replaylog  # noqa: E402
+from replaylog.django.apps import ReplayLogConfig  # noqa: E402
+
+ROOM = "room-1"
+URL = f"/rooms/{ROOM}/messages/"
+
+
+@pytest.fixture
+def client() -> Client:
+    return Client()
+
+
+@pytest.fixture
+def rdb(replaylog_redis_proc: Any) -> Iterator[redis.Redis]:
+    with redis.Redis(host=replaylog_redis_proc.host, port=replaylog_redis_proc.port) as r:
+        yield r
+
+
+def redis_now_ms(r: redis.Redis) -> int:
+    seconds, micros = r.time()
+    return seconds * 1000 + micros // 1000
+
+
+def legacy_entry(r: redis.Redis, channel: str, text: str, timestamp: int) -> str:
+    """What the article's broadcast stored (json.dumps of the message, scored by its timestamp)."""
+    member = json.dumps({"event_name": "chat", "content": text, "timestamp": timestamp})
+    r.zadd(f"replay:{channel}", {member: timestamp})
+    return member
+
+
+def replaylog_errors() -> list[checks.CheckMessage]:
+    return [m for m in checks.run_checks() if (m.id or "").startswith("replaylog.")]
+
+
+# --- the views, asserted through the replay_log fixture ---------------------------------------
+
+
+def test_view_broadcast_is_in_the_replay_log(
+    replay_log: replaylog.ReplayLog, client: Client, rdb: redis.Redis
+) -> None:
+    pubsub = rdb.pubsub()
+    pubsub.subscribe(f"mq:{ROOM}")
+    assert pubsub.get_message(timeout=5)["type"] == "subscribe"
+
+    response = client.post(URL, {"author": "ann", "text": "hello"})
+
+    assert response.status_code == 201
+    timestamp = response.json()["timestamp"]
+    assert isinstance(timestamp, int) and timestamp > 0
+    expected = {"event_name": "chat", "content": {"author": "ann", "text": "hello"}}
+    expected["timestamp"] = timestamp
+    assert replay_log.unspool(ROOM, 0) == [expected]
+    # The article's layout: one ZSET member scored by the timestamp, and the same JSON published.
+    [(member, score)] = rdb.zrangebyscore(f"replay:{ROOM}", "-inf", "+inf", withscores=True)
+    assert score == timestamp and json.loads(member) == expected
+    live = pubsub.get_message(timeout=5)
+    assert live is not None and live["channel"] == f"mq:{ROOM}".encode()
+    assert json.loads(live["data"]) == expected
+    pubsub.close()
+
+
+def test_view_replays_what_a_client_missed(replay_log: replaylog.ReplayLog, client: Client) -> None:
+    stamps = [client.post(URL, {"text": f"m{i}"}).json()["timestamp"] for i in range(4)]
+    assert stamps == sorted(set(stamps))  # strictly increasing, even within one millisecond
+
+    def texts(since: Any) -> list[str]:
+        response = client.get(URL, {"since": since})
+        assert response.status_code == 200
+        messages = response.json()["messages"]
+        assert [m["timestamp"] for m in messages] == sorted(m["timestamp"] for m in messages)
+        return [m["content"]["text"] for m in messages]
+
+    assert texts(stamps[0]) == ["m1", "m2", "m3"]
+    assert texts(stamps[2]) == ["m3"]
+    assert texts(stamps[3]) == []
+    assert texts(0) == ["m0", "m1", "m2", "m3"]
+    assert [m["content"]["text"] for m in client.get(URL).json()["messages"]] == [
+        "m0",
+        "m1",
+        "m2",
+        "m3",
+    ]
+    assert client.get("/rooms/room-2/messages/").json() == {"messages": []}
+    assert client.get(URL, {"since": "yesterday"}).status_code == 400
+
+
+def test_rejected_post_broadcasts_nothing(replay_log: replaylog.ReplayLog, client: Client) -> None:
+    assert client.post(URL, {"author": "ann"}).status_code == 400
+    assert replay_log.unspool(ROOM, 0) == []
+
+
+def test_redis_is_clean_for_each_test(replay_log: replaylog.ReplayLog, rdb: redis.Redis) -> None:
+    # The tests above wrote to room-1; the fixture flushed it before this one.
+    assert replay_log.unspool(ROOM, 0) == []
+    assert rdb.dbsize() == 0
+
+
+# --- settings: read lazily, override_settings works -------------------------------------------
+
+
+def test_override_settings_changes_the_url(
+    replay_log: replaylog.ReplayLog,
+    replaylog_redis_proc: Any,
+    replaylog_url: str,
+    client: Client,
+    rdb: redis.Redis,
+) -> None:
+    db3_url = replaylog_url.rsplit("/", 1)[0] + "/3"
+    with redis.Redis(host=replaylog_redis_proc.host, port=replaylog_redis_proc.port, db=3) as db3:
+        db3.flushdb()
+        with override_settings(REPLAYLOG_URL=db3_url):
+            assert replaylog.get_default().url == db3_url
+            timestamp = replaylog.broadcast(ROOM, "chat", {"n": 1})
+            assert client.post(URL, {"text": "via the view"}).status_code == 201
+            assert db3.zcard(f"replay:{ROOM}") == 2
+            assert rdb.zcard(f"replay:{ROOM}") == 0
+            [first, _] = replaylog.unspool(ROOM, 0)
+            assert first["timestamp"] == timestamp
+        # Back to the fixture's server (database 0) once the override ends.
+        assert replaylog.get_default().url == replaylog_url
+        replaylog.broadcast(ROOM, "chat", {"n": 2})
+        assert [m["content"] for m in replay_log.unspool(ROOM, 0)] == [{"n": 2}]
+        assert db3.zcard(f"replay:{ROOM}") == 2
+        db3.flushdb()
+
+    with override_settings(REPLAYLOG_URL="redis://127.0.0.1:1/0", REPLAYLOG_CONNECT_TIMEOUT=2):
+        with pytest.raises(replaylog.ConnectionError):
+            replaylog.broadcast(ROOM, "chat", {"n": 3})
+    assert [m["content"] for m in replaylog.unspool(ROOM, 0)] == [{"n": 2}]
+
+
+def test_module_prune_honours_expiry_from_django_settings(
+    replay_log: replaylog.ReplayLog, rdb: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert settings.EXPIRE_REPLAY_LOGS_MS == 60_000
+    # Django settings come before the environment: were this used, everything would go.
+    monkeypatch.setenv("EXPIRE_REPLAY_LOGS_MS", "1")
+    now = redis_now_ms(rdb)
+    legacy_entry(rdb, "room-a", "old-1", now - 120_000)
+    legacy_entry(rdb, "room-a", "old-2", now - 90_000)
+    kept_a = [legacy_entry(rdb, "room-a", t, now - age) for t, age in (("new-1", 30_000),
+                                                                       ("new-2", 1_000))]
+    legacy_entry(rdb, "room-b", "old-3", now - 200_000)
+    kept_b = [legacy_entry(rdb, "room-b", "new-3", now - 10_000)]
+
+    assert replaylog.get_default().expire_ms == 60_000
+    assert replaylog.prune_replay_logs() == 3
+
+    assert rdb.zrange("replay:room-a", 0, -1) == [m.encode() for m in kept_a]
+    assert rdb.zrange("replay:room-b", 0, -1) == [m.encode() for m in kept_b]
+    assert [m["content"] for m in replaylog.unspool("room-a", 0)] == ["new-1", "new-2"]
+    assert replaylog.prune_replay_logs() == 0
+
+
+def test_override_settings_changes_the_expiry(
+    replay_log: replaylog.ReplayLog, rdb: redis.Redis
+) -> None:
+    now = redis_now_ms(rdb)
+    for text, age in (("2min", 120_000), ("30s", 30_000), ("1s", 1_000)):
+        legacy_entry(rdb, ROOM, text, now - age)
+
+    with override_settings(EXPIRE_REPLAY_LOGS_MS=10_000):
+        assert replaylog.get_default().expire_ms == 10_000
+        assert replaylog.prune_replay_logs() == 2
+    assert [m["content"] for m in replaylog.unspool(ROOM, 0)] == ["1s"]
+    assert replaylog.get_default().expire_ms == 60_000
+
+    legacy_entry(rdb, ROOM, "30s-again", now - 30_000)
+    assert replaylog.prune_replay_logs() == 0  # 60 s again: the 30 s old entry stays
+    with override_settings(EXPIRE_REPLAY_LOGS_MS="20000"):  # a numeric string, as from env files
+        assert replaylog.prune_replay_logs() == 1
+    assert [m["content"] for m in replaylog.unspool(ROOM, 0)] == ["1s"]
+
+
+def test_fixture_server_survives_an_override_of_another_setting(
+    replay_log: replaylog.ReplayLog, client: Client
+) -> None:
+    # Overriding a replaylog setting rebuilds the default log from settings; REPLAYLOG_URL in the
+    # environment and settings.py points nowhere, so only the fixture keeps this on the test server.
+    with override_settings(REPLAYLOG_RESPONSE_TIMEOUT=3):
+        assert replaylog.get_default().response_timeout == 3.0
+        assert client.post(URL, {"text": "still here"}).status_code == 201
+    assert [m["content"]["text"] for m in replay_log.unspool(ROOM, 0)] == ["still here"]
+
+
+# --- the app and its system checks --------------------------------------------------------------
+
+
+def test_app_is_installed_with_its_checks() -> None:
+    config = apps.get_app_config("replaylog")
+    assert isinstance(config, ReplayLogConfig)
+    assert config.name == "replaylog.django"
+    assert checks.registry.registry.tag_exists("replaylog")
+
+
+def test_checks_pass_on_good_settings() -> None:
+    assert replaylog_errors() == []
+    assert checks.run_checks(tags=["replaylog"]) == []
+    out = io.StringIO()
+    call_command("check", stdout=out)
+    assert "no issues" in out.getvalue()
+    good = {
+        "REPLAYLOG_URL": "rediss://user:pw@cache.example:6380/2",
+        "EXPIRE_REPLAY_LOGS_MS": "3600000",
+        "REPLAYLOG_CONNECT_TIMEOUT": 0.5,
+        "REPLAYLOG_RESPONSE_TIMEOUT": "10",
+        "REPLAYLOG_CHANNEL_PREFIX": "app:mq:",
+        "REPLAYLOG_LOG_PREFIX": "app:replay:",
+    }
+    with override_settings(**good):
+        assert replaylog_errors() == []
+    with override_settings(REPLAYLOG_URL="unix:///run/redis/redis.sock"):
+        assert replaylog_errors() == []
+
+
+MALFORMED = [
+    ("EXPIRE_REPLAY_LOGS_MS", 0, "replaylog.E001"),
+    ("EXPIRE_REPLAY_LOGS_MS", -60_000, "replaylog.E001"),
+    ("EXPIRE_REPLAY_LOGS_MS", True, "replaylog.E001"),
+    ("EXPIRE_REPLAY_LOGS_MS", "one hour", "replaylog.E001"),
+    ("EXPIRE_REPLAY_LOGS_MS", 1.5, "replaylog.E001"),
+    ("EXPIRE_REPLAY_LOGS_MS", None, "replaylog.E001"),
+    ("REPLAYLOG_URL", "http://localhost:6379/0", "replaylog.E002"),
+    ("REPLAYLOG_URL", "localhost:6379", "replaylog.E002"),
+    ("REPLAYLOG_URL", "redis://localhost:99999/0", "replaylog.E002"),
+    ("REPLAYLOG_URL", "redis://localhost:port/0", "replaylog.E002"),
+    ("REPLAYLOG_URL", "redis://localhost:0/0", "replaylog.E002"),
+    ("REPLAYLOG_URL", "redis://localhost:6379/db", "replaylog.E002"),
+    ("REPLAYLOG_URL", "redis://", "replaylog.E002"),
+    ("REPLAYLOG_URL", "unix://", "replaylog.E002"),
+    ("REPLAYLOG_URL", 6379, "replaylog.E002"),
+    ("REPLAYLOG_URL", "", "replaylog.E002"),
+    ("REPLAYLOG_CONNECT_TIMEOUT", "fast", "replaylog.E003"),
+    ("REPLAYLOG_CONNECT_TIMEOUT", 0, "replaylog.E003"),
+    ("REPLAYLOG_CONNECT_TIMEOUT", True, "replaylog.E003"),
+    ("REPLAYLOG_RESPONSE_TIMEOUT", None, "replaylog.E004"),
+    ("REPLAYLOG_RESPONSE_TIMEOUT", -1, "replaylog.E004"),
+    ("REPLAYLOG_CHANNEL_PREFIX", b"mq:", "replaylog.E005"),
+    ("REPLAYLOG_CHANNEL_PREFIX", None, "replaylog.E005"),
+    ("REPLAYLOG_LOG_PREFIX", 7, "replaylog.E006"),
+]
+
+
+@pytest.mark.parametrize(("name", "value", "check_id"), MALFORMED)
+def test_checks_report_each_malformed_setting(name: str, value: Any, check_id: str) -> None:
+    with override_settings(**{name: value}):
+        [error] = replaylog_errors()
+        assert (error.id, error.level, error.obj) == (check_id, checks.ERROR, name)
+        assert name in error.msg
+        assert f"settings.{name}" in error.hint
+        with pytest.raises(SystemCheckError, match=check_id.replace(".", r"\.")):
+            call_command("check", stdout=io.StringIO(), stderr=io.StringIO())
+    assert replaylog_errors() == []
+
+
+def test_checks_report_every_malformed_setting_at_once() -> None:
+    bad = {"EXPIRE_REPLAY_LOGS_MS": "soon", "REPLAYLOG_URL": "http://x", "REPLAYLOG_LOG_PREFIX": 1}
+    with override_settings(**bad):
+        ids = sorted(m.id for m in replaylog_errors())
+    assert ids == ["replaylog.E001", "replaylog.E002", "replaylog.E006"]
+
+
+def test_check_messages_never_show_the_password() -> None:
+    with override_settings(REPLAYLOG_URL="http://user:s3cr3t@cache:6379/0"):
+        [error] = replaylog_errors()
+        assert error.id == "replaylog.E002"
+        assert "s3cr3t" not in f"{error}{error.hint}"
+    with override_settings(REPLAYLOG_URL="redis://user:s3cr3t@cache:port/0"):
+        [error] = replaylog_errors()
+        assert error.id == "replaylog.E002"
+        assert "s3cr3t" not in f"{error}{error.hint}"
+
+
+def test_checks_read_the_environment_when_django_does_not_set_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert not hasattr(settings, "REPLAYLOG_RESPONSE_TIMEOUT")
+    monkeypatch.setenv("REPLAYLOG_RESPONSE_TIMEOUT", "5 seconds")
+    [error] = replaylog_errors()
+    assert error.id == "replaylog.E004"
+    assert "REPLAYLOG_RESPONSE_TIMEOUT" in error.hint and "environment" in error.hint
+
+
+def test_empty_log_prefix_is_a_warning_not_an_error() -> None:
+    with override_settings(REPLAYLOG_LOG_PREFIX=""):
+        [warning] = replaylog_errors()
+        assert (warning.id, warning.level) == ("replaylog.W001", checks.WARNING)
+        out = io.StringIO()
+        call_command("check", stdout=out, stderr=out)  # warnings do not fail the check
+        assert "replaylog.W001" in out.getvalue()
+
+
+def test_checks_do_not_connect_to_redis(replaylog_url: str, rdb: redis.Redis) -> None:
+    def connections() -> int:
+        return int(rdb.info("stats")["total_connections_received"])
+
+    before = connections()
+    with override_settings(REPLAYLOG_URL=replaylog_url):
+        for _ in range(3):
+            assert replaylog_errors() == []
+        call_command("check", stdout=io.StringIO())
+    assert connections() == before
+    # Nor anywhere else: an unreachable server is no error for the checks.
+    with override_settings(REPLAYLOG_URL="redis://127.0.0.1:1/0"):
+        assert replaylog_errors() == []
