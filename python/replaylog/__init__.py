@@ -46,8 +46,14 @@ Default = Optional[Callable[[Any], Any]]
 
 # Errors read as replaylog.ConnectionError in tracebacks, the name users catch them by.
 for _error in (
-    ConfigurationError, ConnectionError, OutOfMemoryError, PermissionDeniedError,
-    ReadOnlyError, RedisRefusedError, ReplayLogError, TimeoutError,
+    ConfigurationError,
+    ConnectionError,
+    OutOfMemoryError,
+    PermissionDeniedError,
+    ReadOnlyError,
+    RedisRefusedError,
+    ReplayLogError,
+    TimeoutError,
 ):
     _error.__module__ = __name__
 
@@ -138,7 +144,11 @@ class ReplayLog:
         return self._native.broadcast_many(list(items), default or self.default)
 
     def unspool(
-        self, channel: str, since: int | float | str = 0, *, raw: bool = False,
+        self,
+        channel: str,
+        since: int | float | str = 0,
+        *,
+        raw: bool = False,
         limit: int | None = None,
     ) -> list[Any]:
         """The messages of ``channel`` with a timestamp greater than ``since``, oldest first.
@@ -148,7 +158,10 @@ class ReplayLog:
         return self._native.unspool(channel, since, raw, limit)
 
     def unspool_many(
-        self, cursors: Mapping[str, int | float | str], *, raw: bool = False,
+        self,
+        cursors: Mapping[str, int | float | str],
+        *,
+        raw: bool = False,
         limit: int | None = None,
     ) -> dict[str, list[Any]]:
         """:meth:`unspool` for many ``{channel: since}`` at once, in one round trip."""
@@ -162,8 +175,8 @@ class ReplayLog:
         Walks the keyspace with SCAN, never KEYS, and pipelines the trims in batches.
         Returns how many entries it removed.
         """
-        expire = self.expire_ms if expire_ms is None else _settings.as_expire_ms(
-            "expire_ms", expire_ms
+        expire = (
+            self.expire_ms if expire_ms is None else _settings.as_expire_ms("expire_ms", expire_ms)
         )
         return self._native.prune(expire)
 

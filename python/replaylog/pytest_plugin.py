@@ -90,7 +90,7 @@ def replay_log(replaylog_redis_proc: Any, replaylog_url: str) -> Iterator[replay
             from django.test.utils import override_settings
 
             django_override = override_settings(REPLAYLOG_URL=replaylog_url)
-            pass
+            django_override.enable()
         try:
             log = replaylog.configure(url=replaylog_url)
             yield log
