@@ -9,9 +9,8 @@ from typing import Any
 
 import pytest
 import redis
-from conftest import PublishWatcher, last_json_line, redis_now_ms, run_python, snapshot
-
 import replaylog
+from conftest import PublishWatcher, last_json_line, redis_now_ms, run_python, snapshot
 
 
 class Widget:
@@ -169,7 +168,9 @@ def test_bad_unspool_many_raises(seeded: redis.Redis) -> None:
 @pytest.mark.parametrize("expire", ["soon", 0, -5, True, 1.5, [1]])
 def test_bad_expiry_raises_and_prunes_nothing(seeded: redis.Redis, expire: Any) -> None:
     old = redis_now_ms(seeded) - 10 * 3_600_000
-    seeded.zadd(f"replay:{CH}", {json.dumps({"event_name": "o", "content": 0, "timestamp": old}): old})
+    seeded.zadd(
+        f"replay:{CH}", {json.dumps({"event_name": "o", "content": 0, "timestamp": old}): old}
+    )
     before = snapshot(seeded)
     with pytest.raises((replaylog.ConfigurationError, TypeError, ValueError)):
         replaylog.prune_replay_logs(expire)

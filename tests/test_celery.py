@@ -21,11 +21,10 @@ from typing import Any
 
 import pytest
 import redis
-from celery import Celery
-from celery.beat import Scheduler
-
 import replaylog
 import replaylog.celery
+from celery import Celery
+from celery.beat import Scheduler
 from replaylog.celery import TASK_NAME
 
 BEAT_ENTRY = "prune-replay-logs"

@@ -7,9 +7,8 @@ import threading
 from typing import Any
 
 import redis
-from conftest import FAKETIME, SilentServer, last_json_line, redis_now_ms, run_python
-
 import replaylog
+from conftest import FAKETIME, SilentServer, last_json_line, redis_now_ms, run_python
 
 
 def test_16_threads_x_500_broadcasts_on_one_channel(rdb: redis.Redis) -> None:

@@ -13,11 +13,10 @@ from typing import Any
 
 import pytest
 import redis
+import replaylog
 from conftest import stored_members
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-import replaylog
 from replaylog._native import decode_json, encode_json
 
 
@@ -174,7 +173,7 @@ SPECIAL_CONTENT = [
     MyDict(a=MyList([1, 2, MyDict(b=None)])),
     collections.OrderedDict([("z", 1), ("a", 2)]),
     {"color": Color.RED, Color.RED: "key", "mood": Mood.HAPPY},
-    "control \x00 \x01 \x1f \u2028 \u2029 \\ \" / \t\n",
+    'control \x00 \x01 \x1f \u2028 \u2029 \\ " / \t\n',
     "emoji 😀 cjk 漢字 rtl עברית combining e\u0301",
     "",
     [],

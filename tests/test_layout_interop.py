@@ -8,17 +8,14 @@ import time
 from typing import Any
 
 import redis
-from conftest import PublishWatcher, redis_now_ms, stored_members
-
 import replaylog
+from conftest import PublishWatcher, redis_now_ms, stored_members
 
 
 def article_broadcast(db: redis.Redis, channel: str, event_name: str, content: Any) -> int:
     """The article's broadcast, verbatim except for redis-py 3+'s zadd mapping signature."""
     timestamp = int(time.time() * 1000)
-    flattened = json.dumps(
-        {"event_name": event_name, "content": content, "timestamp": timestamp}
-    )
+    flattened = json.dumps({"event_name": event_name, "content": content, "timestamp": timestamp})
     db.publish(f"mq:{channel}", flattened)
     db.zadd(f"replay:{channel}", {flattened: timestamp})
     return timestamp
@@ -87,7 +84,9 @@ def test_logs_written_by_the_article_code_are_unspooled(rdb: redis.Redis) -> Non
 
     # Resuming from a legacy cursor gives exactly what ZRANGEBYSCORE (cursor gives.
     for i, (since, _) in enumerate(legacy):
-        expected = [json.loads(m) for m in rdb.zrangebyscore("replay:old-room", f"({since}", "+inf")]
+        expected = [
+            json.loads(m) for m in rdb.zrangebyscore("replay:old-room", f"({since}", "+inf")
+        ]
         assert replaylog.unspool("old-room", since) == expected
         assert [m["content"] for m in expected] == [c for _, c in legacy[i + 1 :]]
 
@@ -123,7 +122,11 @@ def test_prune_removes_old_legacy_entries_only(rdb: redis.Redis) -> None:
             fresh.append(member)
 
     assert replaylog.prune_replay_logs(3_600_000) == len(old)
-    left = {m for ch in ("legacy-a", "legacy-b", "legacy-c") for m, _ in stored_members(rdb, f"replay:{ch}")}
+    left = {
+        m
+        for ch in ("legacy-a", "legacy-b", "legacy-c")
+        for m, _ in stored_members(rdb, f"replay:{ch}")
+    }
     assert left == set(fresh)
     assert [m["content"] for m in replaylog.unspool("legacy-a", 0)] == [
         ["legacy-a", 60_000],

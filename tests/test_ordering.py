@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 
 import redis
-from conftest import redis_now_ms, stored_members
-
 import replaylog
+from conftest import redis_now_ms, stored_members
 
 
 def test_3000_identical_broadcasts_are_all_kept(rdb: redis.Redis) -> None:

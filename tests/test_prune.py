@@ -8,9 +8,8 @@ import time
 
 import pytest
 import redis
-from conftest import FAKETIME, last_json_line, redis_now_ms, run_python, stored_members
-
 import replaylog
+from conftest import FAKETIME, last_json_line, redis_now_ms, run_python, stored_members
 
 HOUR = 3_600_000
 

@@ -1,4 +1,4 @@
-'''Celery task that prunes the replay logs on a schedule.
+"""Celery task that prunes the replay logs on a schedule.
 
 Importing this module registers ``replaylog.prune_replay_logs`` with every Celery app (it is a
 ``shared_task``). It runs :func:`replaylog.prune_replay_logs`, which trims every log of the entries
@@ -7,7 +7,8 @@ older than ``EXPIRE_REPLAY_LOGS_MS``, and returns how many entries it removed.
 Run it every minute with Celery beat:
 
 ```python
-app.conf.imports = [*app.conf.imports, "replaylog.celery"]  # or INSTALLED_APPS + autodiscover_tasks()
+# Django projects with "replaylog.django" in INSTALLED_APPS and autodiscover_tasks() skip this.
+app.conf.imports = [*app.conf.imports, "replaylog.celery"]
 app.conf.beat_schedule = {
     "prune-replay-logs": {
         "task": "replaylog.prune_replay_logs",
@@ -17,13 +18,10 @@ app.conf.beat_schedule = {
 }
 ```
 
-In a Django project that lists ``"replaylog.django"`` in ``INSTALLED_APPS``,
-``app.autodiscover_tasks()`` imports the task for you, so the ``imports`` line is not needed.
-
 The task never retries: a failed prune is simply done again by the next scheduled run, so failures
 cannot pile up. It uses the default log, so the worker reads ``REPLAYLOG_URL`` and
 ``EXPIRE_REPLAY_LOGS_MS`` from Django settings or the environment, like the rest of replaylog.
-'''
+"""
 
 from __future__ import annotations
 

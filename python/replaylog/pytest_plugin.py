@@ -2,11 +2,12 @@
 
 Fixtures:
 
-- ``replaylog_redis_proc``: a redis-server on a free loopback port, one per session, started
-  by pytest-redis's process factory.
+- ``replaylog_redis_proc``: a redis-server on a free loopback port, one per session, run by
+  pytest-redis's ``RedisExecutor`` with pytest-redis's options.
 - ``replaylog_url``: its ``redis://`` URL.
 - ``replay_log``: a :class:`replaylog.ReplayLog` on that server, installed as the default log, so
-  code under test that calls ``replaylog.broadcast`` writes there. Redis is flushed before each test.
+  code under test that calls ``replaylog.broadcast`` writes there. Redis is flushed before each
+  test.
   For the test's duration ``REPLAYLOG_URL`` points at that server in the environment and, when
   Django is configured, in Django settings too, so the default log rebuilt after an
   ``override_settings`` of another replaylog setting still uses the test server.
@@ -25,7 +26,9 @@ Loading this plugin imports neither replaylog's native module, Django nor Celery
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -35,18 +38,14 @@ if TYPE_CHECKING:
 
 try:
     import pytest_redis.plugin as _pytest_redis_plugin
-    from pytest_redis import factories as _factories
 except ImportError:  # pragma: no cover - exercised only without the extra
     _pytest_redis_plugin = None
-    _factories = None
 
-_MISSING_EXTRA = (
-    "the replaylog pytest fixtures need pytest-redis: pip install 'replaylog[pytest]'"
-)
+_MISSING_EXTRA = "the replaylog pytest fixtures need pytest-redis: pip install 'replaylog[pytest]'"
 
 
 def pytest_addoption(parser: pytest.Parser, pluginmanager: pytest.PytestPluginManager) -> None:
-    # The process factory reads pytest-redis's options (redis_exec, ...), so make sure its plugin
+    # The server fixture reads pytest-redis's options (redis_exec, ...), so make sure its plugin
     # is registered even when entry points are not auto-loaded (PYTEST_DISABLE_PLUGIN_AUTOLOAD
     # with ``-p replaylog``). Registered under its entry point's name, so autoload skips it later.
     if _pytest_redis_plugin is None:
@@ -57,13 +56,58 @@ def pytest_addoption(parser: pytest.Parser, pluginmanager: pytest.PytestPluginMa
         pluginmanager.register(_pytest_redis_plugin, "pytest_redis")
 
 
-if _factories is not None:
-    replaylog_redis_proc = _factories.redis_proc(port=None)
-else:  # pragma: no cover - exercised only without the extra
+@pytest.fixture(scope="session")
+def replaylog_redis_proc(request: pytest.FixtureRequest) -> Iterator[Any]:
+    """A redis-server on a free loopback port for the session (a pytest-redis ``RedisExecutor``).
 
-    @pytest.fixture(scope="session")
-    def replaylog_redis_proc() -> Any:
+    It honours pytest-redis's options (``--redis-exec``, ``redis_host``, ``redis_port``, ...). Its
+    files live in a short temporary directory unless ``--redis-datadir`` is given: pytest-redis's
+    own factory puts the server's unix socket under pytest's basetemp, which overflows the 104/107
+    byte socket path limit on macOS, in nested runs (pytester) and under long TMPDIRs. Idle clients
+    are never disconnected by the server (``timeout 0``), as on a default production Redis.
+    """
+    if _pytest_redis_plugin is None:  # pragma: no cover - exercised only without the extra
         pytest.fail(_MISSING_EXTRA, pytrace=False)
+    from mirakuru.exceptions import AlreadyRunning
+    from port_for import get_port
+    from pytest_redis.config import get_config
+    from pytest_redis.executor import RedisExecutor
+
+    config = get_config(request)
+    datadir = Path(config.datadir) if config.datadir else None
+    with tempfile.TemporaryDirectory(prefix="replaylog-redis-") as tmp:
+        tried: set[int] = set()
+        for _ in range(max(config.port_search_count, 1)):
+            port = get_port(config.port or None, tried)
+            assert port is not None
+            tried.add(port)
+            executor = RedisExecutor(
+                executable=config.exec,
+                databases=int(config.db_count),
+                redis_timeout=0,
+                loglevel=config.loglevel,
+                host=config.host,
+                port=port,
+                username=config.username,
+                password=config.password,
+                save=config.save or "",
+                rdbcompression=config.compression,
+                rdbchecksum=config.rdbchecksum,
+                syslog_enabled=config.syslog,
+                datadir=datadir or Path(tmp),
+                modules=config.modules,
+                startup_timeout=60,
+            )
+            try:
+                executor.start()
+            except AlreadyRunning:  # another process took the port meanwhile
+                continue
+            try:
+                yield executor
+            finally:
+                executor.stop()
+            return
+        raise RuntimeError(f"replaylog: no free port for redis-server (tried {sorted(tried)})")
 
 
 @pytest.fixture

@@ -1,1 +1,1 @@
-"""A tiny Django project that uses replaylog the way an app would; driven by tests/test_django.py."""
+"""A tiny Django project that uses replaylog as an app would; driven by tests/test_django.py."""

@@ -12,6 +12,6 @@ DATABASES = {}
 USE_TZ = True
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
-# replaylog reads these lazily; the tests' replay_log fixture points REPLAYLOG_URL at its own server.
+# replaylog reads these lazily; the replay_log fixture points REPLAYLOG_URL at its own server.
 REPLAYLOG_URL = os.environ.get("REPLAYLOG_URL", "redis://localhost:6379/0")
 EXPIRE_REPLAY_LOGS_MS = 60_000

@@ -23,14 +23,13 @@ django.setup()
 
 import pytest  # noqa: E402
 import redis  # noqa: E402
+import replaylog  # noqa: E402
 from django.apps import apps  # noqa: E402
 from django.conf import settings  # noqa: E402
 from django.core import checks  # noqa: E402
 from django.core.management import call_command  # noqa: E402
 from django.core.management.base import SystemCheckError  # noqa: E402
 from django.test import Client, override_settings  # noqa: E402
-
-import replaylog  # noqa: E402
 from replaylog.django.apps import ReplayLogConfig  # noqa: E402
 
 ROOM = "room-1"
@@ -170,8 +169,10 @@ def test_module_prune_honours_expiry_from_django_settings(
     now = redis_now_ms(rdb)
     legacy_entry(rdb, "room-a", "old-1", now - 120_000)
     legacy_entry(rdb, "room-a", "old-2", now - 90_000)
-    kept_a = [legacy_entry(rdb, "room-a", t, now - age) for t, age in (("new-1", 30_000),
-                                                                       ("new-2", 1_000))]
+    kept_a = [
+        legacy_entry(rdb, "room-a", t, now - age)
+        for t, age in (("new-1", 30_000), ("new-2", 1_000))
+    ]
     legacy_entry(rdb, "room-b", "old-3", now - 200_000)
     kept_b = [legacy_entry(rdb, "room-b", "new-3", now - 10_000)]
 
@@ -335,3 +336,16 @@ def test_checks_do_not_connect_to_redis(replaylog_url: str, rdb: redis.Redis) ->
     # Nor anywhere else: an unreachable server is no error for the checks.
     with override_settings(REPLAYLOG_URL="redis://127.0.0.1:1/0"):
         assert replaylog_errors() == []
+
+
+def test_celery_autodiscovery_finds_the_prune_task() -> None:
+    import sys
+
+    from celery import Celery
+
+    assert "replaylog.celery" not in sys.modules  # nothing above needed Celery
+    app = Celery("djangoproject", set_as_current=False)
+    app.config_from_object("django.conf:settings", namespace="CELERY")
+    app.autodiscover_tasks(force=True)  # what a Django project's celery.py does
+    assert "replaylog.django.tasks" in sys.modules
+    assert app.tasks["replaylog.prune_replay_logs"].name == "replaylog.prune_replay_logs"
