@@ -9,16 +9,16 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import orjson
 import redis
+import replaylog
 from redis.exceptions import NoScriptError
 from redis.utils import HIREDIS_AVAILABLE
 
-import replaylog
-
-BROADCAST_LUA = Path(__file__).resolve().parent.parent / "src" / "lua" / "broadcast.lua"
+LUA = Path(__file__).resolve().parent.parent / "src" / "lua"
+BROADCAST_LUA = LUA / "broadcast.lua"
 POOL_SIZE = 8
 
 
@@ -90,22 +90,33 @@ class Article:
 
 
 class Peer:
-    """replaylog's semantics in good Python: one Lua script by EVALSHA, orjson, SCAN prune."""
+    """replaylog's semantics in good Python: its Lua scripts by EVALSHA, orjson, SCAN prune.
+
+    Sends the scripts exactly the keys and arguments that src/store.rs sends.
+    """
 
     name = "peer"
     has_broadcast_many = True
     broadcast_many_note = ""
     scan_count = 1000
+    max_len = 0  # replaylog's default: no cap
+    idempotency_window_ms = 300_000
 
     def __init__(self, url: str, expire_ms: int) -> None:
         self.db = redis_client(url)
         self.expire_ms = expire_ms
-        self.script = BROADCAST_LUA.read_text()
-        self.sha = self.db.script_load(self.script)
+        self.scripts = {name: (LUA / f"{name}.lua").read_text() for name in ("broadcast", "prune")}
+        self.sha = {name: self.db.script_load(text) for name, text in self.scripts.items()}
+        self.tail = self.tail_for(expire_ms)
+
+    @classmethod
+    def tail_for(cls, expire_ms: int) -> tuple[Any, ...]:
+        """The broadcast script's arguments after the head, the same for every message."""
+        return (b"}", expire_ms, cls.max_len, cls.idempotency_window_ms)
 
     @staticmethod
-    def _head(event_name: str, content: Any) -> bytes:
-        # The message JSON up to its timestamp; the script appends the timestamp and "}".
+    def head(event_name: str, content: Any) -> bytes:
+        """The message JSON up to its timestamp; the script adds the timestamp and "}"."""
         return b"".join(
             (
                 b'{"event_name":',
@@ -116,19 +127,38 @@ class Peer:
             )
         )
 
+    def _evalsha(self, target: Any, name: str, *args: Any) -> Any:
+        return target.execute_command("EVALSHA", self.sha[name], *args)
+
+    def _reload(self, name: str) -> None:
+        self.sha[name] = self.db.script_load(self.scripts[name])
+
     def broadcast(self, channel: str, event_name: str, content: Any) -> int:
-        head = self._head(event_name, content)
-        args = ("EVALSHA", self.sha, 1, "replay:" + channel, "mq:" + channel, head, b"}")
+        args = (
+            2,
+            "replay:" + channel,
+            "replaymeta:" + channel,
+            "mq:" + channel,
+            self.head(event_name, content),
+            *self.tail,
+        )
         try:
-            return self.db.execute_command(*args)
-        except NoScriptError:
-            self.sha = self.db.script_load(self.script)
-            return self.db.execute_command(*args)
+            return self._evalsha(self.db, "broadcast", *args)
+        except NoScriptError:  # the script cache was flushed; nothing ran
+            self._reload("broadcast")
+            return self._evalsha(self.db, "broadcast", *args)
 
     def broadcast_many(self, items: list[tuple[str, str, Any]]) -> list[int]:
         # Serialize everything first: one bad item raises before anything is sent.
         commands = [
-            ("replay:" + channel, "mq:" + channel, self._head(event_name, content))
+            (
+                2,
+                "replay:" + channel,
+                "replaymeta:" + channel,
+                "mq:" + channel,
+                self.head(event_name, content),
+                *self.tail,
+            )
             for channel, event_name, content in items
         ]
         results: list[Any] = [None] * len(commands)
@@ -136,8 +166,7 @@ class Peer:
         for attempt in range(2):
             pipe = self.db.pipeline(transaction=False)
             for index in pending:
-                log_key, channel_key, head = commands[index]
-                pipe.execute_command("EVALSHA", self.sha, 1, log_key, channel_key, head, b"}")
+                self._evalsha(pipe, "broadcast", *commands[index])
             replies = pipe.execute(raise_on_error=False)
             retry = []
             for index, reply in zip(pending, replies):
@@ -149,35 +178,55 @@ class Peer:
                     results[index] = reply
             if not retry:
                 break
-            self.sha = self.db.script_load(self.script)
+            self._reload("broadcast")
             pending = retry
         return results
 
     def unspool(self, channel: str, since: int) -> list[Any]:
-        messages = self.db.execute_command("ZRANGEBYSCORE", "replay:" + channel, f"({since}", "+inf")
+        messages = self.db.execute_command(
+            "ZRANGEBYSCORE", "replay:" + channel, f"({since}", "+inf"
+        )
         loads = orjson.loads
         return [loads(message) for message in messages]
 
     def unspool_raw(self, channel: str, since: int) -> list[str]:
-        messages = self.db.execute_command("ZRANGEBYSCORE", "replay:" + channel, f"({since}", "+inf")
+        messages = self.db.execute_command(
+            "ZRANGEBYSCORE", "replay:" + channel, f"({since}", "+inf"
+        )
         return [message.decode() for message in messages]
 
     def prune(self) -> int:
+        """SCAN a step at a time; each step's trims travel with the next SCAN."""
         seconds, micros = self.db.time()
         oldest_kept = seconds * 1000 + micros // 1000 - self.expire_ms
         removed = 0
-        cursor = 0
-        while True:
-            cursor, keys = self.db.scan(
-                cursor, match="replay:*", count=self.scan_count, _type="zset"
-            )
+        cursor: int | None = 0
+        keys: list[bytes] = []
+        while cursor is not None or keys:
+            pipe = self.db.pipeline(transaction=False)
             if keys:
-                pipe = self.db.pipeline(transaction=False)
+                pairs = []
                 for key in keys:
-                    pipe.zremrangebyscore(key, "-inf", oldest_kept)
-                removed += sum(pipe.execute())
-            if cursor == 0:
-                return removed
+                    pairs += (key, b"replaymeta:" + key[len(b"replay:") :])
+                self._evalsha(pipe, "prune", len(pairs), *pairs, oldest_kept)
+            if cursor is not None:
+                pipe.scan(cursor, match="replay:*", count=self.scan_count, _type="zset")
+            replies = pipe.execute(raise_on_error=False)
+            if any(isinstance(reply, NoScriptError) for reply in replies):
+                self._reload("prune")
+                continue  # the trims did not run; the SCAN step runs again too
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    raise reply
+            scanned = replies.pop() if cursor is not None else None
+            if keys:
+                removed += replies.pop()
+            keys = []
+            cursor = None
+            if scanned is not None:
+                position, keys = scanned
+                cursor = position or None
+        return removed
 
     def close(self) -> None:
         self.db.close()
@@ -194,7 +243,7 @@ class Native:
     def __init__(self, url: str, expire_ms: int) -> None:
         self.log = replaylog.ReplayLog(url, expire_ms=expire_ms)
         self.broadcast: Callable[[str, str, Any], int] = self.log.broadcast
-        self.broadcast_many: Optional[Callable[[list[tuple[str, str, Any]]], list[int]]] = (
+        self.broadcast_many: Callable[[list[tuple[str, str, Any]]], list[int]] | None = (
             self.log.broadcast_many
         )
 

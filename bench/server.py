@@ -54,10 +54,12 @@ class RedisServer:
             try:
                 client.ping()
                 break
-            except redis.ConnectionError:
+            except redis.ConnectionError as error:
                 if self._proc.poll() is not None or time.monotonic() > deadline:
                     self.__exit__(None, None, None)
-                    raise SystemExit(f"bench: redis-server on port {self.port} did not start")
+                    raise SystemExit(
+                        f"bench: redis-server on port {self.port} did not start"
+                    ) from error
                 time.sleep(0.02)
             finally:
                 client.close()

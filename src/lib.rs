@@ -15,7 +15,7 @@ use pyo3::types::{PyBool, PyBytes, PyDict, PyFloat, PyInt, PyList, PyString, PyT
 use connection::{Connection, Settings};
 use errors::Failure;
 use json::Encoder;
-use store::{Outgoing, Since, Store};
+use store::{Layout, Limits, Outgoing, Since, Store};
 
 /// One replay log: a Redis URL, key prefixes, and this process's connection.
 #[pyclass(module = "replaylog._native", frozen)]
@@ -26,6 +26,11 @@ struct NativeLog {
 #[pymethods]
 impl NativeLog {
     #[new]
+    #[pyo3(signature = (
+        url, masked_url, *, connect_timeout, response_timeout, channel_prefix, log_prefix,
+        meta_prefix, idempotency_prefix, cluster_keys, expire_ms, max_len, idempotency_window_ms
+    ))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
         url: &str,
@@ -34,6 +39,12 @@ impl NativeLog {
         response_timeout: f64,
         channel_prefix: String,
         log_prefix: String,
+        meta_prefix: String,
+        idempotency_prefix: String,
+        cluster_keys: bool,
+        expire_ms: i64,
+        max_len: u64,
+        idempotency_window_ms: i64,
     ) -> PyResult<NativeLog> {
         let settings = Settings {
             url: url.to_owned(),
@@ -44,12 +55,25 @@ impl NativeLog {
             let message = format!("invalid Redis URL {masked_url}: {}", e.category());
             config_error(py, message)
         })?;
+        let layout = Layout {
+            channel_prefix,
+            log_prefix,
+            meta_prefix,
+            idempotency_prefix,
+            cluster_keys,
+        };
+        let limits = Limits {
+            expire_ms,
+            max_len,
+            idempotency_window_ms,
+        };
         Ok(NativeLog {
-            store: Store::new(connection, masked_url, channel_prefix, log_prefix),
+            store: Store::new(connection, masked_url, layout, limits),
         })
     }
 
     /// Publishes and stores one message; returns its timestamp.
+    #[pyo3(signature = (channel, event_name, content, default=None, idempotency_key=None))]
     fn broadcast(
         &self,
         py: Python<'_>,
@@ -57,8 +81,22 @@ impl NativeLog {
         event_name: &Bound<'_, PyAny>,
         content: &Bound<'_, PyAny>,
         default: Option<&Bound<'_, PyAny>>,
+        idempotency_key: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<i64> {
-        let message = self.encode(channel, event_name, content, default)?;
+        let mut message = self.encode(channel, event_name, content, default)?;
+        if let Some(key) = idempotency_key.filter(|key| !key.is_none()) {
+            let key = key.cast::<PyString>().map_err(|_| {
+                PyTypeError::new_err(format!(
+                    "idempotency_key must be str, not {}",
+                    type_name(key)
+                ))
+            })?;
+            message.idempotency_key = Some(
+                self.store
+                    .layout
+                    .idempotency_key(channel_str(channel)?, key.to_str()?),
+            );
+        }
         let timestamps = self.run(py, "broadcast", |manager| {
             self.store
                 .broadcast(manager, std::slice::from_ref(&message))
@@ -98,7 +136,7 @@ impl NativeLog {
         limit: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyList>> {
         let request = (
-            self.store.log_key(channel_str(channel)?),
+            self.store.layout.channel_keys(channel_str(channel)?),
             parse_since(since)?,
         );
         let limit = parse_limit(limit)?;
@@ -123,7 +161,7 @@ impl NativeLog {
             let pair = pair.cast_into::<PyTuple>()?;
             let channel = pair.get_item(0)?;
             requests.push((
-                self.store.log_key(channel_str(&channel)?),
+                self.store.layout.channel_keys(channel_str(&channel)?),
                 parse_since(&pair.get_item(1)?)?,
             ));
             channels.push(channel);
@@ -140,6 +178,39 @@ impl NativeLog {
             result.set_item(channel, messages_to_python(py, messages, raw)?)?;
         }
         Ok(result)
+    }
+
+    /// `unspool` plus completeness: `(complete, messages, epoch)`.
+    #[pyo3(signature = (channel, since, raw, limit, epoch=None))]
+    fn replay<'py>(
+        &self,
+        py: Python<'py>,
+        channel: &Bound<'py, PyAny>,
+        since: &Bound<'py, PyAny>,
+        raw: bool,
+        limit: Option<&Bound<'py, PyAny>>,
+        epoch: Option<&str>,
+    ) -> PyResult<(bool, Bound<'py, PyList>, Option<String>)> {
+        let request = (
+            self.store.layout.channel_keys(channel_str(channel)?),
+            parse_since(since)?,
+        );
+        let limit = parse_limit(limit)?;
+        let mut replays = self.run(py, "replay", |manager| {
+            self.store.replay(
+                manager,
+                std::slice::from_ref(&request),
+                limit,
+                epoch.unwrap_or(""),
+            )
+        })?;
+        let replayed = replays.pop().unwrap_or_default();
+        let epoch = (!replayed.epoch.is_empty()).then_some(replayed.epoch);
+        Ok((
+            replayed.complete,
+            messages_to_python(py, replayed.messages, raw)?,
+            epoch,
+        ))
     }
 
     /// Trims entries older than `expire_ms` from every log; returns how many it removed.
@@ -190,9 +261,9 @@ impl NativeLog {
         encoder.write(content)?;
         encoder.out.extend_from_slice(b",\"timestamp\":");
         Ok(Outgoing {
-            log_key: self.store.log_key(channel),
-            channel_key: self.store.channel_key(channel),
+            keys: self.store.layout.channel_keys(channel),
             head: encoder.out,
+            idempotency_key: None,
         })
     }
 

@@ -9,6 +9,8 @@ use crate::connection::{runtime, Connection};
 use crate::errors::Failure;
 
 const BROADCAST_LUA: &str = include_str!("lua/broadcast.lua");
+const REPLAY_LUA: &str = include_str!("lua/replay.lua");
+const PRUNE_LUA: &str = include_str!("lua/prune.lua");
 
 /// Keys SCAN looks at per step: enough to amortize the round trip, few enough that
 /// no step holds Redis for more than a fraction of a millisecond.
@@ -16,10 +18,84 @@ const SCAN_COUNT: usize = 1000;
 
 /// One message, serialized and ready to send.
 pub struct Outgoing {
-    pub log_key: Vec<u8>,
-    pub channel_key: Vec<u8>,
+    pub keys: ChannelKeys,
     /// The message JSON up to its timestamp: `{"event_name":..,"content":..,"timestamp":`.
     pub head: Vec<u8>,
+    /// Set for a publish that may be retried: a repeat within the window is a no-op.
+    pub idempotency_key: Option<Vec<u8>>,
+}
+
+/// The Redis names of one channel.
+pub struct ChannelKeys {
+    /// `PUBLISH` target: `mq:<channel>`.
+    pub pubsub: Vec<u8>,
+    /// The log, a sorted set: `replay:<channel>`.
+    pub log: Vec<u8>,
+    /// The log's bookkeeping, a hash: `replaymeta:<channel>`.
+    pub meta: Vec<u8>,
+}
+
+/// Key names. With `cluster_keys`, the channel inside every key is a `{hash tag}`, so all
+/// of a channel's keys share one Redis Cluster slot and each script touches one slot.
+pub struct Layout {
+    pub channel_prefix: String,
+    pub log_prefix: String,
+    pub meta_prefix: String,
+    pub idempotency_prefix: String,
+    pub cluster_keys: bool,
+}
+
+impl Layout {
+    fn key(&self, prefix: &str, channel: &str) -> Vec<u8> {
+        let mut key = Vec::with_capacity(prefix.len() + channel.len() + 2);
+        key.extend_from_slice(prefix.as_bytes());
+        if self.cluster_keys {
+            key.push(b'{');
+            key.extend_from_slice(channel.as_bytes());
+            key.push(b'}');
+        } else {
+            key.extend_from_slice(channel.as_bytes());
+        }
+        key
+    }
+
+    pub fn channel_keys(&self, channel: &str) -> ChannelKeys {
+        ChannelKeys {
+            pubsub: [self.channel_prefix.as_bytes(), channel.as_bytes()].concat(),
+            log: self.key(&self.log_prefix, channel),
+            meta: self.key(&self.meta_prefix, channel),
+        }
+    }
+
+    /// Scoped by channel; the length keeps `("a:b", "c")` and `("a", "b:c")` apart.
+    pub fn idempotency_key(&self, channel: &str, key: &str) -> Vec<u8> {
+        let mut name = self.key(&self.idempotency_prefix, channel);
+        name.extend_from_slice(format!(":{}:{key}", channel.len()).as_bytes());
+        name
+    }
+
+    /// The bookkeeping key of a log key that SCAN found.
+    fn meta_of(&self, log_key: &[u8]) -> Vec<u8> {
+        let channel_part = &log_key[self.log_prefix.len().min(log_key.len())..];
+        [self.meta_prefix.as_bytes(), channel_part].concat()
+    }
+}
+
+/// One log's replay: its messages after the cursor, and whether nothing in between is lost.
+#[derive(Default)]
+pub struct Replayed {
+    pub complete: bool,
+    pub messages: Vec<Vec<u8>>,
+    /// Names the log's history; empty when the log has no bookkeeping.
+    pub epoch: String,
+}
+
+/// How big and how old logs may grow.
+pub struct Limits {
+    pub expire_ms: i64,
+    /// 0: no cap.
+    pub max_len: u64,
+    pub idempotency_window_ms: i64,
 }
 
 /// The lower bound of an unspool: entries scored strictly above it.
@@ -29,6 +105,16 @@ pub enum Since {
 }
 
 impl Since {
+    fn as_number(&self) -> String {
+        match self {
+            Since::Int(value) => value.to_string(),
+            Since::Float(value) if value.is_infinite() => {
+                if *value > 0.0 { "inf" } else { "-inf" }.to_owned()
+            }
+            Since::Float(value) => value.to_string(),
+        }
+    }
+
     fn exclusive_min(&self) -> String {
         match self {
             Since::Int(value) => format!("({value}"),
@@ -42,27 +128,26 @@ impl Since {
 
 pub struct Store {
     connection: Connection,
-    pub channel_prefix: String,
-    pub log_prefix: String,
+    pub layout: Layout,
+    limits: Limits,
     broadcast_script: Script,
+    replay_script: Script,
+    prune_script: Script,
     /// Where the log lives, password masked, for error messages.
     label: String,
     secret: Option<String>,
 }
 
 impl Store {
-    pub fn new(
-        connection: Connection,
-        label: String,
-        channel_prefix: String,
-        log_prefix: String,
-    ) -> Store {
+    pub fn new(connection: Connection, label: String, layout: Layout, limits: Limits) -> Store {
         let secret = connection.settings().password();
         Store {
             connection,
-            channel_prefix,
-            log_prefix,
+            layout,
+            limits,
             broadcast_script: Script::new(BROADCAST_LUA),
+            replay_script: Script::new(REPLAY_LUA),
+            prune_script: Script::new(PRUNE_LUA),
             label,
             secret,
         }
@@ -74,14 +159,6 @@ impl Store {
 
     pub fn close(&self) {
         self.connection.close();
-    }
-
-    pub fn log_key(&self, channel: &str) -> Vec<u8> {
-        [self.log_prefix.as_bytes(), channel.as_bytes()].concat()
-    }
-
-    pub fn channel_key(&self, channel: &str) -> Vec<u8> {
-        [self.channel_prefix.as_bytes(), channel.as_bytes()].concat()
     }
 
     /// Runs one operation to completion on this process's runtime, bounded in time.
@@ -118,65 +195,85 @@ impl Store {
         mut manager: ConnectionManager,
         messages: &[Outgoing],
     ) -> RedisResult<Vec<i64>> {
-        let mut timestamps: Vec<Option<i64>> = vec![None; messages.len()];
-        // A script cache flushed under us answers NOSCRIPT without running anything,
-        // so loading the script and sending just those again is safe.
-        for attempt in 0..2 {
-            let pending: Vec<usize> = (0..messages.len())
-                .filter(|&i| timestamps[i].is_none())
-                .collect();
-            let mut pipe = Pipeline::with_capacity(pending.len());
-            pipe.ignore_errors();
-            for &index in &pending {
-                let message = &messages[index];
-                pipe.add_command(self.broadcast_command(message));
-            }
-            let replies: Vec<Value> = pipe.query_async(&mut manager).await?;
-            let mut missing_script = false;
-            for (index, reply) in pending.into_iter().zip(replies) {
-                match reply {
-                    Value::Int(timestamp) => timestamps[index] = Some(timestamp),
-                    Value::ServerError(error) if error.code() == "NOSCRIPT" && attempt == 0 => {
-                        missing_script = true
-                    }
-                    Value::ServerError(error) => return Err(RedisError::from(error)),
-                    other => return Err(unexpected("the broadcast script", &other)),
-                }
-            }
-            if !missing_script {
-                break;
-            }
-            self.broadcast_script
-                .prepare_invoke()
-                .load_async(&mut manager)
-                .await?;
-        }
-        Ok(timestamps.into_iter().flatten().collect())
+        let commands: Vec<Cmd> = messages.iter().map(|m| self.broadcast_command(m)).collect();
+        let replies = run_scripts(&mut manager, &self.broadcast_script, &commands).await?;
+        replies
+            .into_iter()
+            .map(|reply| match reply {
+                Value::Int(timestamp) => Ok(timestamp),
+                other => Err(unexpected("the broadcast script", &other)),
+            })
+            .collect()
     }
 
     fn broadcast_command(&self, message: &Outgoing) -> Cmd {
+        let keys = &message.keys;
         let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(self.broadcast_script.get_hash())
-            .arg(1)
-            .arg(&message.log_key)
-            .arg(&message.channel_key)
+        cmd.arg(self.broadcast_script.get_hash());
+        match &message.idempotency_key {
+            Some(key) => cmd.arg(3).arg(&keys.log).arg(&keys.meta).arg(key),
+            None => cmd.arg(2).arg(&keys.log).arg(&keys.meta),
+        };
+        cmd.arg(&keys.pubsub)
             .arg(&message.head)
-            .arg(b"}");
+            .arg(b"}")
+            .arg(self.limits.expire_ms)
+            .arg(self.limits.max_len)
+            .arg(self.limits.idempotency_window_ms);
         cmd
+    }
+
+    /// Like `unspool`, plus whether each replay is complete: false when a message after the
+    /// cursor existed but is gone (pruned, trimmed, expired, flushed).
+    pub async fn replay(
+        &self,
+        mut manager: ConnectionManager,
+        requests: &[(ChannelKeys, Since)],
+        limit: Option<u64>,
+        epoch: &str,
+    ) -> RedisResult<Vec<Replayed>> {
+        let commands: Vec<Cmd> = requests
+            .iter()
+            .map(|(keys, since)| {
+                let mut cmd = redis::cmd("EVALSHA");
+                cmd.arg(self.replay_script.get_hash())
+                    .arg(2)
+                    .arg(&keys.log)
+                    .arg(&keys.meta)
+                    .arg(since.exclusive_min())
+                    .arg(since.as_number())
+                    .arg(limit.map_or(-1, |n| n as i64))
+                    .arg(epoch);
+                cmd
+            })
+            .collect();
+        let replies = run_scripts(&mut manager, &self.replay_script, &commands).await?;
+        replies
+            .into_iter()
+            .map(|reply| {
+                let (complete, messages, epoch): (i64, Vec<Vec<u8>>, String) =
+                    redis::from_redis_value(reply)?;
+                Ok(Replayed {
+                    complete: complete == 1,
+                    messages,
+                    epoch,
+                })
+            })
+            .collect()
     }
 
     /// The stored messages of each log newer than its cursor, oldest first, in one round trip.
     pub async fn unspool(
         &self,
         mut manager: ConnectionManager,
-        requests: &[(Vec<u8>, Since)],
+        requests: &[(ChannelKeys, Since)],
         limit: Option<u64>,
     ) -> RedisResult<Vec<Vec<Vec<u8>>>> {
         let mut pipe = Pipeline::with_capacity(requests.len());
-        for (log_key, since) in requests {
+        for (keys, since) in requests {
             let cmd = pipe
                 .cmd("ZRANGEBYSCORE")
-                .arg(log_key)
+                .arg(&keys.log)
                 .arg(since.exclusive_min())
                 .arg("+inf");
             if let Some(limit) = limit {
@@ -189,36 +286,41 @@ impl Store {
     /// Trims entries older than `expire_ms`, by the Redis clock, from every log.
     ///
     /// SCAN walks the logs a step at a time (never KEYS, which blocks Redis for the whole
-    /// keyspace); the trims of one step travel with the SCAN of the next, one round trip each.
+    /// keyspace); one script run trims a step's logs and notes the loss in their bookkeeping,
+    /// and travels with the SCAN of the next step, one round trip each.
     pub async fn prune(&self, mut manager: ConnectionManager, expire_ms: i64) -> RedisResult<i64> {
         let (seconds, micros): (i64, i64) = redis::cmd("TIME").query_async(&mut manager).await?;
         let oldest_kept = seconds * 1000 + micros / 1000 - expire_ms;
-        let pattern = [glob_escape(&self.log_prefix).as_bytes(), b"*"].concat();
+        let pattern = [glob_escape(&self.layout.log_prefix).as_bytes(), b"*"].concat();
         let mut removed = 0;
         let mut cursor: Option<u64> = Some(0);
         let mut keys: Vec<Vec<u8>> = Vec::new();
         while cursor.is_some() || !keys.is_empty() {
-            let mut pipe = Pipeline::with_capacity(keys.len() + 1);
-            for key in &keys {
-                pipe.cmd("ZREMRANGEBYSCORE")
-                    .arg(key)
-                    .arg("-inf")
-                    .arg(oldest_kept);
+            let mut commands = Vec::with_capacity(2);
+            if !keys.is_empty() {
+                let mut trim = redis::cmd("EVALSHA");
+                trim.arg(self.prune_script.get_hash()).arg(keys.len() * 2);
+                for key in &keys {
+                    trim.arg(key).arg(self.layout.meta_of(key));
+                }
+                trim.arg(oldest_kept);
+                commands.push(trim);
             }
             if let Some(position) = cursor {
-                pipe.cmd("SCAN")
-                    .arg(position)
+                let mut scan = redis::cmd("SCAN");
+                scan.arg(position)
                     .arg("MATCH")
                     .arg(&pattern)
                     .arg("COUNT")
                     .arg(SCAN_COUNT)
                     .arg("TYPE")
                     .arg("zset");
+                commands.push(scan);
             }
-            let mut replies: Vec<Value> = pipe.query_async(&mut manager).await?;
+            let mut replies = run_scripts(&mut manager, &self.prune_script, &commands).await?;
             let scan_reply = cursor.map(|_| replies.pop().expect("one reply per command"));
-            for reply in replies {
-                removed += redis::from_redis_value::<i64>(reply)?;
+            if let Some(trimmed) = replies.pop() {
+                removed += redis::from_redis_value::<i64>(trimmed)?;
             }
             keys.clear();
             cursor = None;
@@ -230,6 +332,42 @@ impl Store {
         }
         Ok(removed)
     }
+}
+
+/// Sends `commands` in one pipeline and returns their replies. Those that answer NOSCRIPT
+/// (the script cache was flushed; nothing ran) are sent again once `script` is loaded.
+async fn run_scripts(
+    manager: &mut ConnectionManager,
+    script: &Script,
+    commands: &[Cmd],
+) -> RedisResult<Vec<Value>> {
+    let mut replies: Vec<Option<Value>> = vec![None; commands.len()];
+    for attempt in 0..2 {
+        let pending: Vec<usize> = (0..commands.len())
+            .filter(|&i| replies[i].is_none())
+            .collect();
+        let mut pipe = Pipeline::with_capacity(pending.len());
+        pipe.ignore_errors();
+        for &index in &pending {
+            pipe.add_command(commands[index].clone());
+        }
+        let answers: Vec<Value> = pipe.query_async(manager).await?;
+        let mut missing_script = false;
+        for (index, answer) in pending.into_iter().zip(answers) {
+            match answer {
+                Value::ServerError(error) if error.code() == "NOSCRIPT" && attempt == 0 => {
+                    missing_script = true
+                }
+                Value::ServerError(error) => return Err(RedisError::from(error)),
+                answer => replies[index] = Some(answer),
+            }
+        }
+        if !missing_script {
+            break;
+        }
+        script.prepare_invoke().load_async(manager).await?;
+    }
+    Ok(replies.into_iter().flatten().collect())
 }
 
 /// Escapes SCAN's glob characters so a prefix matches only itself.

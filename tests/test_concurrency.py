@@ -159,7 +159,7 @@ def test_a_process_with_a_skewed_clock_does_not_reorder_the_channel(
 def test_the_gil_is_released_while_waiting_on_redis(silent_server: SilentServer) -> None:
     """While one thread waits on a Redis that never answers, other Python threads run."""
     log = replaylog.ReplayLog(
-        f"redis://127.0.0.1:{silent_server.port}/0", connect_timeout=4, response_timeout=4
+        f"redis://127.0.0.1:{silent_server.port}/0", connect_timeout=2, response_timeout=2
     )
     outcome: list[BaseException] = []
 
@@ -173,7 +173,7 @@ def test_the_gil_is_released_while_waiting_on_redis(silent_server: SilentServer)
     waiter.start()
     # The server thread needs the GIL to see the request; if the waiting call held the GIL,
     # this event could only be set after the call gave up.
-    assert silent_server.got_data.wait(timeout=3.5), "the request never reached the server"
+    assert silent_server.got_data.wait(timeout=1.5), "the request never reached the server"
     assert waiter.is_alive(), "the call returned before the server saw it"
     waiter.join(timeout=30)
     assert not waiter.is_alive()

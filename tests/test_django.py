@@ -84,10 +84,11 @@ def test_djangoproject(suite_run: SuiteRun, test_name: str) -> None:
     assert not bad, "\n\n".join(bad)
 
 
-def test_djangoproject_suite_passed_whole(suite_run: SuiteRun) -> None:
-    ran = {name for name in suite_run.outcomes}
-    assert ran == set(SUITE_TESTS), suite_run.output[-6000:]
-    assert suite_run.returncode == 0, suite_run.output[-6000:]
-    assert all(o == "passed" for cases in suite_run.outcomes.values() for _, o, _ in cases)
+def test_djangoproject_suite_ran_whole(suite_run: SuiteRun) -> None:
+    # Failing tests are reported above, one by one; here: it ran, collected all, skipped none.
+    assert suite_run.returncode in (0, 1), suite_run.output[-6000:]
+    assert set(suite_run.outcomes) == set(SUITE_TESTS), suite_run.output[-6000:]
+    outcomes = [o for cases in suite_run.outcomes.values() for _, o, _ in cases]
+    assert "skipped" not in outcomes and "error" not in outcomes, suite_run.output[-6000:]
     # Every MALFORMED case of the parametrized check test ran.
     assert len(suite_run.outcomes["test_checks_report_each_malformed_setting"]) >= 20

@@ -107,3 +107,11 @@ def test_unspool_many(rdb: redis.Redis) -> None:
     assert got["um-c"] == []
     raw = replaylog.unspool_many({"um-a": 0}, raw=True, limit=2)
     assert raw == {"um-a": [m for m, _ in stored_members(rdb, "replay:um-a")][:2]}
+
+
+def test_unspool_limit_larger_than_any_log(rdb: redis.Redis) -> None:
+    """A limit is "at most N": a Python int too big for 64 bits still just means everything."""
+    stamps = [replaylog.broadcast("biglim", "e", i) for i in range(3)]
+    for limit in (2**63 - 1, 2**63, 2**64, 10**30):
+        got = replaylog.unspool("biglim", 0, limit=limit)
+        assert [m["timestamp"] for m in got] == stamps, limit

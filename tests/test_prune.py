@@ -131,7 +131,7 @@ def test_module_level_prune_honours_expire_from_the_environment(
     monkeypatch.setenv("EXPIRE_REPLAY_LOGS_MS", "150000")
 
     assert replaylog.prune_replay_logs() == 2
-    assert [m["content"] for m in replaylog.unspool("env", 0)] == [5_000, 90_000]
+    assert [m["content"] for m in replaylog.unspool("env", 0)] == [90_000, 5_000]
 
     # The expiry is read again at each prune: a changed setting counts.
     monkeypatch.setenv("EXPIRE_REPLAY_LOGS_MS", "60000")

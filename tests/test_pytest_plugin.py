@@ -105,3 +105,37 @@ def test_a_failing_user_test_is_reported_as_failed(
 
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines(["*test_wrong_expectation*"])
+
+
+def test_fixtures_follow_pytest_redis_options(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A password-protected test server: the URL carries it, flushing and broadcasting work, and the
+    # log's repr hides it. The datadir option is honoured too.
+    monkeypatch.delenv("DJANGO_SETTINGS_MODULE", raising=False)
+    datadir = pytester.mkdir("redis-data")
+    pytester.makepyfile(
+        test_options=f"""
+        import os
+        import redis
+        import replaylog
+
+        def test_password(replay_log, replaylog_url, replaylog_redis_proc):
+            assert replaylog_url.startswith("redis://:s3cr%2Ft@127.0.0.1:")
+            with redis.Redis(host=replaylog_redis_proc.host, port=replaylog_redis_proc.port) as r:
+                try:
+                    r.ping()
+                except redis.AuthenticationError:
+                    pass
+                else:
+                    raise AssertionError("the server should require the password")
+            timestamp = replaylog.broadcast("room-1", "chat", "hi")
+            assert [m["timestamp"] for m in replay_log.unspool("room-1", 0)] == [timestamp]
+            assert "s3cr" not in repr(replay_log)
+            assert os.path.exists(os.path.join({str(datadir)!r}, "redis.%d.sock" % replaylog_redis_proc.port))
+        """  # noqa: E501
+    )
+
+    result = pytester.runpytest_subprocess("--redis-password=s3cr/t", f"--redis-datadir={datadir}")
+
+    result.assert_outcomes(passed=1)

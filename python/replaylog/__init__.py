@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Iterable, Mapping
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 from . import _settings
 from ._errors import (
@@ -30,6 +30,7 @@ __all__ = [
     "PermissionDeniedError",
     "ReadOnlyError",
     "RedisRefusedError",
+    "Replay",
     "ReplayLog",
     "ReplayLogError",
     "TimeoutError",
@@ -38,6 +39,8 @@ __all__ = [
     "configure",
     "get_default",
     "prune_replay_logs",
+    "replay",
+    "reset_default",
     "unspool",
     "unspool_many",
 ]
@@ -76,6 +79,11 @@ class ReplayLog:
         response_timeout: float | None = None,
         channel_prefix: str | None = None,
         log_prefix: str | None = None,
+        meta_prefix: str | None = None,
+        idempotency_prefix: str | None = None,
+        max_len: int | None = None,
+        cluster_keys: bool | None = None,
+        idempotency_window_ms: int | None = None,
         default: Default = None,
     ) -> None:
         resolve = _settings.resolve
@@ -93,16 +101,36 @@ class ReplayLog:
             "REPLAYLOG_CHANNEL_PREFIX", channel_prefix, _settings.as_prefix
         )
         self.log_prefix: str = resolve("REPLAYLOG_LOG_PREFIX", log_prefix, _settings.as_prefix)
+        self.meta_prefix: str = resolve("REPLAYLOG_META_PREFIX", meta_prefix, _settings.as_prefix)
+        self.idempotency_prefix: str = resolve(
+            "REPLAYLOG_IDEMPOTENCY_PREFIX", idempotency_prefix, _settings.as_prefix
+        )
+        self.max_len: int = resolve("REPLAYLOG_MAX_LEN", max_len, _settings.as_max_len)
+        self.cluster_keys: bool = resolve("REPLAYLOG_CLUSTER_KEYS", cluster_keys, _settings.as_bool)
+        self.idempotency_window_ms: int = resolve(
+            "REPLAYLOG_IDEMPOTENCY_WINDOW_MS", idempotency_window_ms, _settings.as_expire_ms
+        )
+        if self.log_prefix == self.meta_prefix or self.log_prefix == self.idempotency_prefix:
+            raise ConfigurationError(
+                "log_prefix must differ from meta_prefix and idempotency_prefix"
+            )
         if default is not None and not callable(default):
             raise TypeError(f"default must be callable, got {type(default).__name__}")
         self.default = default
         self._native = NativeLog(
             self._url,
             _settings.mask_url(self._url),
-            self.connect_timeout,
-            self.response_timeout,
-            self.channel_prefix,
-            self.log_prefix,
+            connect_timeout=self.connect_timeout,
+            response_timeout=self.response_timeout,
+            channel_prefix=self.channel_prefix,
+            log_prefix=self.log_prefix,
+            meta_prefix=self.meta_prefix,
+            idempotency_prefix=self.idempotency_prefix,
+            cluster_keys=self.cluster_keys,
+            # Each log key lives this long after its last message.
+            expire_ms=self.expire_ms,
+            max_len=self.max_len,
+            idempotency_window_ms=self.idempotency_window_ms,
         )
 
     @property
@@ -124,14 +152,24 @@ class ReplayLog:
         )
 
     def broadcast(
-        self, channel: str, event_name: str, content: Any, *, default: Default = None
+        self,
+        channel: str,
+        event_name: str,
+        content: Any,
+        *,
+        default: Default = None,
+        idempotency_key: str | None = None,
     ) -> int:
         """Publish on ``mq:<channel>`` and store in ``replay:<channel>`` in one atomic step.
 
         Returns the message's timestamp (ms, Redis clock), strictly greater than the channel's
-        previous one, which is also its cursor for :meth:`unspool`.
+        previous one, which is also its cursor for :meth:`unspool`. A retry with the same
+        ``idempotency_key`` within ``idempotency_window_ms`` publishes nothing and returns
+        the first timestamp.
         """
-        return self._native.broadcast(channel, event_name, content, default or self.default)
+        return self._native.broadcast(
+            channel, event_name, content, default or self.default, idempotency_key
+        )
 
     def broadcast_many(
         self, items: Iterable[tuple[str, str, Any]], *, default: Default = None
@@ -156,6 +194,28 @@ class ReplayLog:
         With ``raw=True`` the stored JSON strings come back untouched, ready to forward.
         """
         return self._native.unspool(channel, since, raw, limit)
+
+    def replay(
+        self,
+        channel: str,
+        since: int | float | str = 0,
+        *,
+        raw: bool = False,
+        limit: int | None = None,
+        epoch: str | None = None,
+    ) -> Replay:
+        """:meth:`unspool`, and whether the replay is complete.
+
+        ``complete`` is False when a message newer than ``since`` existed but is gone: pruned,
+        trimmed by ``max_len``, expired with its key, or lost to ``FLUSHALL`` or a restart.
+        The client should then reload its state instead of trusting the replay. A client that
+        kept the ``epoch`` of its last replay may pass it: a different epoch means the log's
+        history was lost and replaced, and the replay is incomplete.
+        """
+        if epoch is not None and not isinstance(epoch, str):
+            raise TypeError(f"epoch must be str, not {type(epoch).__name__}")
+        complete, messages, current_epoch = self._native.replay(channel, since, raw, limit, epoch)
+        return Replay(messages, complete, current_epoch)
 
     def unspool_many(
         self,
@@ -183,6 +243,17 @@ class ReplayLog:
     def close(self) -> None:
         """Drop this log's connection; the next call opens a new one."""
         self._native.close()
+
+
+class Replay(NamedTuple):
+    """What :meth:`ReplayLog.replay` returns."""
+
+    messages: list[Any]
+    """The messages after the cursor, oldest first, as :meth:`ReplayLog.unspool` gives them."""
+    complete: bool
+    """False when some message after the cursor was removed before it could be replayed."""
+    epoch: str | None = None
+    """Names this log's history; None for a log without replaylog's bookkeeping."""
 
 
 _default_log: ReplayLog | None = None
@@ -242,9 +313,30 @@ def _watch_django_settings() -> None:
     _watching_django = True
 
 
-def broadcast(channel: str, event_name: str, content: Any, *, default: Default = None) -> int:
+def broadcast(
+    channel: str,
+    event_name: str,
+    content: Any,
+    *,
+    default: Default = None,
+    idempotency_key: str | None = None,
+) -> int:
     """:meth:`ReplayLog.broadcast` on the default log."""
-    return get_default().broadcast(channel, event_name, content, default=default)
+    return get_default().broadcast(
+        channel, event_name, content, default=default, idempotency_key=idempotency_key
+    )
+
+
+def replay(
+    channel: str,
+    since: int | float | str = 0,
+    *,
+    raw: bool = False,
+    limit: int | None = None,
+    epoch: str | None = None,
+) -> Replay:
+    """:meth:`ReplayLog.replay` on the default log."""
+    return get_default().replay(channel, since, raw=raw, limit=limit, epoch=epoch)
 
 
 def broadcast_many(items: Iterable[tuple[str, str, Any]], *, default: Default = None) -> list[int]:

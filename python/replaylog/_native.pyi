@@ -10,17 +10,34 @@ class NativeLog:
         self,
         url: str,
         masked_url: str,
+        *,
         connect_timeout: float,
         response_timeout: float,
         channel_prefix: str,
         log_prefix: str,
+        meta_prefix: str,
+        idempotency_prefix: str,
+        cluster_keys: bool,
+        expire_ms: int,
+        max_len: int,
+        idempotency_window_ms: int,
     ) -> None: ...
-    def broadcast(self, channel: str, event_name: str, content: Any, default: _Default) -> int: ...
+    def broadcast(
+        self,
+        channel: str,
+        event_name: str,
+        content: Any,
+        default: _Default = None,
+        idempotency_key: str | None = None,
+    ) -> int: ...
     def broadcast_many(self, items: list[tuple[str, str, Any]], default: _Default) -> list[int]: ...
     def unspool(self, channel: str, since: _Since, raw: bool, limit: int | None) -> list[Any]: ...
     def unspool_many(
         self, cursors: list[tuple[str, _Since]], raw: bool, limit: int | None
     ) -> dict[str, list[Any]]: ...
+    def replay(
+        self, channel: str, since: _Since, raw: bool, limit: int | None, epoch: str | None = None
+    ) -> tuple[bool, list[Any], str | None]: ...
     def prune(self, expire_ms: int) -> int: ...
     def close(self) -> None: ...
     @staticmethod

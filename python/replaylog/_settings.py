@@ -14,6 +14,9 @@ DEFAULT_CONNECT_TIMEOUT = 2.0
 DEFAULT_RESPONSE_TIMEOUT = 5.0
 DEFAULT_CHANNEL_PREFIX = "mq:"
 DEFAULT_LOG_PREFIX = "replay:"
+DEFAULT_META_PREFIX = "replaymeta:"
+DEFAULT_IDEMPOTENCY_PREFIX = "replayonce:"
+DEFAULT_IDEMPOTENCY_WINDOW_MS = 300_000
 
 # setting name -> (environment variable, default)
 SETTINGS: dict[str, tuple[str, Any]] = {
@@ -23,6 +26,14 @@ SETTINGS: dict[str, tuple[str, Any]] = {
     "REPLAYLOG_RESPONSE_TIMEOUT": ("REPLAYLOG_RESPONSE_TIMEOUT", DEFAULT_RESPONSE_TIMEOUT),
     "REPLAYLOG_CHANNEL_PREFIX": ("REPLAYLOG_CHANNEL_PREFIX", DEFAULT_CHANNEL_PREFIX),
     "REPLAYLOG_LOG_PREFIX": ("REPLAYLOG_LOG_PREFIX", DEFAULT_LOG_PREFIX),
+    "REPLAYLOG_META_PREFIX": ("REPLAYLOG_META_PREFIX", DEFAULT_META_PREFIX),
+    "REPLAYLOG_IDEMPOTENCY_PREFIX": ("REPLAYLOG_IDEMPOTENCY_PREFIX", DEFAULT_IDEMPOTENCY_PREFIX),
+    "REPLAYLOG_MAX_LEN": ("REPLAYLOG_MAX_LEN", 0),
+    "REPLAYLOG_CLUSTER_KEYS": ("REPLAYLOG_CLUSTER_KEYS", False),
+    "REPLAYLOG_IDEMPOTENCY_WINDOW_MS": (
+        "REPLAYLOG_IDEMPOTENCY_WINDOW_MS",
+        DEFAULT_IDEMPOTENCY_WINDOW_MS,
+    ),
 }
 
 
@@ -61,6 +72,7 @@ def as_url(name: str, value: Any) -> str:
 
 
 def as_expire_ms(name: str, value: Any) -> int:
+    """A positive integer, e.g. of milliseconds; numeric strings are accepted."""
     if isinstance(value, bool):
         raise ConfigurationError(f"{name} must be a positive integer of milliseconds, got a bool")
     if isinstance(value, str):
@@ -77,6 +89,27 @@ def as_expire_ms(name: str, value: Any) -> int:
             f"{name} must be a positive integer of milliseconds, got {value!r}"
         )
     return value
+
+
+def as_max_len(name: str, value: Any) -> int:
+    """A cap on entries per log; 0 or None means no cap."""
+    if value is None:
+        return 0
+    if isinstance(value, str) and value.strip() in ("", "0"):
+        return 0
+    if value == 0 and not isinstance(value, bool):
+        return 0
+    return as_expire_ms(name, value)
+
+
+def as_bool(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    if isinstance(value, str) and value.strip().lower() in ("0", "false", "no", "off", ""):
+        return False
+    raise ConfigurationError(f"{name} must be a bool, got {value!r}")
 
 
 def as_seconds(name: str, value: Any) -> float:

@@ -113,7 +113,12 @@ def replaylog_redis_proc(request: pytest.FixtureRequest) -> Iterator[Any]:
 @pytest.fixture
 def replaylog_url(replaylog_redis_proc: Any) -> str:
     """The ``redis://`` URL of the session's test redis-server, database 0."""
-    return f"redis://{replaylog_redis_proc.host}:{replaylog_redis_proc.port}/0"
+    from urllib.parse import quote
+
+    user = replaylog_redis_proc.username or ""
+    password = replaylog_redis_proc.password
+    auth = f"{quote(user, safe='')}:{quote(password, safe='')}@" if password else ""
+    return f"redis://{auth}{replaylog_redis_proc.host}:{replaylog_redis_proc.port}/0"
 
 
 @pytest.fixture
@@ -125,7 +130,7 @@ def replay_log(replaylog_redis_proc: Any, replaylog_url: str) -> Iterator[replay
     from replaylog import _settings
 
     # pytest-redis depends on redis-py, so the plugin may use it; replaylog itself does not.
-    with redis.Redis(host=replaylog_redis_proc.host, port=replaylog_redis_proc.port) as client:
+    with redis.Redis.from_url(replaylog_url) as client:
         client.flushall()
     django_override = None
     with pytest.MonkeyPatch.context() as mp:

@@ -233,7 +233,7 @@ def test_checks_pass_on_good_settings() -> None:
     call_command("check", stdout=out)
     assert "no issues" in out.getvalue()
     good = {
-        "REPLAYLOG_URL": "rediss://user:pw@cache.example:6380/2",
+        "REPLAYLOG_URL": "redis://user:pw@cache.example:6380/2",
         "EXPIRE_REPLAY_LOGS_MS": "3600000",
         "REPLAYLOG_CONNECT_TIMEOUT": 0.5,
         "REPLAYLOG_RESPONSE_TIMEOUT": "10",
@@ -243,6 +243,13 @@ def test_checks_pass_on_good_settings() -> None:
     with override_settings(**good):
         assert replaylog_errors() == []
     with override_settings(REPLAYLOG_URL="unix:///run/redis/redis.sock"):
+        assert replaylog_errors() == []
+
+
+def test_checks_accept_a_tls_url() -> None:
+    # rediss:// is one of the three documented schemes: the runtime must accept it, not only the
+    # settings converter.
+    with override_settings(REPLAYLOG_URL="rediss://user:pw@cache.example:6380/2"):
         assert replaylog_errors() == []
 
 
@@ -263,6 +270,7 @@ MALFORMED = [
     ("REPLAYLOG_URL", "unix://", "replaylog.E002"),
     ("REPLAYLOG_URL", 6379, "replaylog.E002"),
     ("REPLAYLOG_URL", "", "replaylog.E002"),
+    ("REPLAYLOG_URL", "redis://localhost:6379/0?protocol=resp9", "replaylog.E002"),
     ("REPLAYLOG_CONNECT_TIMEOUT", "fast", "replaylog.E003"),
     ("REPLAYLOG_CONNECT_TIMEOUT", 0, "replaylog.E003"),
     ("REPLAYLOG_CONNECT_TIMEOUT", True, "replaylog.E003"),

@@ -1,7 +1,8 @@
 """Django system checks for the replaylog settings.
 
 They validate the values replaylog would use (Django settings first, then the environment, as
-:class:`replaylog.ReplayLog` resolves them) with the same converters, and never connect to Redis.
+:class:`replaylog.ReplayLog` resolves them) with the same converters, and the URL also with the
+native module's own parser. They never connect to Redis.
 
 ========================  ==============================================================
 id                        reported when
@@ -26,7 +27,7 @@ from urllib.parse import urlsplit
 
 from django.core import checks
 
-from .. import _settings
+from .. import ReplayLog, _settings
 from .._errors import ConfigurationError
 
 __all__ = ["CHECK_IDS", "check_settings"]
@@ -51,6 +52,19 @@ def _check_url(name: str, value: Any) -> str:
             raise ConfigurationError(f"{name} has a malformed database number: {masked!r}")
     elif not parts.path:
         raise ConfigurationError(f"{name} has no socket path: {masked!r}")
+    # Last, the parser the runtime itself uses (redis-rs, in the native module). Building a
+    # ReplayLog connects to nothing; every other setting is given so only the URL is judged.
+    try:
+        ReplayLog(
+            url,
+            expire_ms=1,
+            connect_timeout=1.0,
+            response_timeout=1.0,
+            channel_prefix="mq:",
+            log_prefix="replay:",
+        ).close()
+    except ConfigurationError as exc:
+        raise ConfigurationError(f"{name} is not usable: {exc}") from None
     return url
 
 

@@ -1,0 +1,237 @@
+"""``python3 -m bench``: run every workload on one redis-server, print and record the results."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from bench import floors, measure, report
+from bench.impls import BROADCAST_LUA, IMPLEMENTATIONS, Peer, require_hiredis
+from bench.measure import EXPIRE_MS, FULL, SMOKE, Sizes
+from bench.payload import EVENT_NAME, chat_messages, content_size, stored_size
+from bench.server import RedisServer
+
+HERE = Path(__file__).resolve().parent
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python3 -m bench", description=__doc__)
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny sizes, one repetition, no targets; writes nothing into bench/",
+    )
+    parser.add_argument(
+        "--url",
+        help="use this Redis instead of starting one; its database must be empty "
+        "(the benchmark flushes it)",
+    )
+    parser.add_argument("-k", "--repeat", type=int, help="best of K repetitions (default 5)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="where README.md and results.png go (default: bench/, or a temp dir with --smoke)",
+    )
+    parser.add_argument(
+        "--no-write", action="store_true", help="print only; leave README.md and the chart alone"
+    )
+    return parser.parse_args(argv)
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    require_hiredis()
+    sizes = SMOKE if args.smoke else FULL
+    if args.repeat:
+        sizes = Sizes(**{**asdict(sizes), "repeat": args.repeat})
+    if args.url:
+        admin = redis.Redis.from_url(args.url)
+        if admin.dbsize():
+            raise SystemExit(
+                f"bench: the database at --url has {admin.dbsize()} keys; use an empty one"
+            )
+        admin.close()
+        results = run(args.url, sizes, args.smoke)
+    else:
+        with RedisServer() as server:
+            results = run(server.url, sizes, args.smoke)
+    print(report.console(results))
+    if args.no_write:
+        return 0
+    if args.smoke and args.out is None:
+        with tempfile.TemporaryDirectory(prefix="replaylog-bench-smoke-") as out:
+            write_outputs(results, Path(out))
+    else:
+        write_outputs(results, args.out or HERE)
+    return 0
+
+
+def write_outputs(results: dict[str, Any], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    readme = out / "README.md"
+    text = readme.read_text() if readme.exists() else (HERE / "README.md").read_text()
+    readme.write_text(report.update_readme(text, report.markdown(results)))
+    report.chart(results, out / "results.png")
+    (out / "results").mkdir(exist_ok=True)
+    (out / "results" / "latest.json").write_text(json.dumps(results, indent=2) + "\n")
+    log(f"bench: wrote {readme}, {out / 'results.png'} and {out / 'results' / 'latest.json'}")
+
+
+def run(url: str, sizes: Sizes, smoke: bool) -> dict[str, Any]:
+    admin = redis.Redis.from_url(url)
+    server_info = admin.info("server")
+    results: dict[str, Any] = {
+        "smoke": smoke,
+        "sizes": asdict(sizes),
+        "environment": {
+            "redis": server_info.get("redis_version"),
+            "python": platform.python_version(),
+            "redis_py": redis.__version__,
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+            "date": time.strftime("%Y-%m-%d"),
+        },
+        "payload": {"content_bytes": content_size(), "stored_bytes": stored_size()},
+        "workloads": {},  # workload -> implementation -> seconds per unit
+        "notes": {},
+    }
+    workloads = results["workloads"]
+    impls = [cls(url, EXPIRE_MS) for cls in IMPLEMENTATIONS]
+    try:
+        admin.flushall()
+        log("bench: floors (redis-benchmark)")
+        results["floors"] = measure_floors(url, admin, sizes)
+
+        log("bench: broadcast, one thread")
+        contents = chat_messages(sizes.broadcast)
+        for impl in impls:  # connect, load scripts, warm caches
+            for content in contents[:200]:
+                impl.broadcast("warm-up", EVENT_NAME, content)
+        samples: dict[str, list[float]] = {impl.name: [] for impl in impls}
+        server_cost = {}
+        for _ in range(sizes.repeat):
+            for impl in impls:
+                admin.config_resetstat()
+                samples[impl.name].append(
+                    measure.broadcast_one_thread(impl, contents, f"one:{impl.name}")
+                )
+                server_cost[impl.name] = redis_cost(measure.commandstats(admin), impl.name)
+        workloads["broadcast"] = {name: measure.best(s) for name, s in samples.items()}
+        results["redis_us_per_broadcast"] = server_cost
+
+        log(f"bench: broadcast, {sizes.threads} threads")
+        contents = chat_messages(sizes.per_thread)
+        samples = {impl.name: [] for impl in impls}
+        for _ in range(sizes.repeat):
+            for impl in impls:
+                samples[impl.name].append(
+                    measure.broadcast_threads(impl, contents, sizes.threads, f"threads:{impl.name}")
+                )
+        workloads["broadcast_threads"] = {name: measure.best(s) for name, s in samples.items()}
+
+        log(f"bench: broadcast_many of {sizes.many:,}")
+        admin.flushall()
+        contents = chat_messages(sizes.many)
+        samples = {impl.name: [] for impl in impls if impl.has_broadcast_many}
+        for _ in range(sizes.repeat):
+            for impl in impls:
+                if impl.has_broadcast_many:
+                    items = [(f"many:{impl.name}", EVENT_NAME, content) for content in contents]
+                    samples[impl.name].append(measure.broadcast_many(impl, items))
+        workloads["broadcast_many"] = {name: measure.best(s) for name, s in samples.items()}
+        for impl in impls:
+            if impl.broadcast_many_note:
+                results["notes"][f"broadcast_many:{impl.name}"] = impl.broadcast_many_note
+
+        log(f"bench: unspool of {sizes.unspool:,}")
+        admin.flushall()
+        memory = {}
+        for impl in impls:
+            key = f"spool:{impl.name}"
+            measure.fill(impl, key, sizes.unspool)
+            entries = admin.zcard(f"replay:{key}")
+            used = admin.memory_usage(f"replay:{key}", samples=0)
+            used += admin.memory_usage(f"replaymeta:{key}", samples=0) or 0  # ours only
+            memory[impl.name] = {"entries": entries, "bytes_per_message": used / entries}
+        results["memory"] = memory
+        for raw in (False, True):
+            samples = {impl.name: [] for impl in impls}
+            for _ in range(sizes.repeat):
+                for impl in impls:
+                    samples[impl.name].append(
+                        measure.unspool(impl, f"spool:{impl.name}", sizes.unspool, raw)
+                    )
+            best_times = {name: measure.best(s) for name, s in samples.items()}
+            workloads["unspool_raw" if raw else "unspool"] = best_times
+
+        log(f"bench: prune of {sizes.channels:,} channels")
+        samples = {impl.name: [] for impl in impls}
+        stalls = {}
+        for repetition in range(sizes.repeat + 1):
+            for impl in impls:
+                admin.flushall()
+                expected = measure.fill_for_prune(admin, sizes.channels, sizes.per_channel)
+                if repetition < sizes.repeat:
+                    elapsed, removed = measure.prune_timed(impl)
+                    samples[impl.name].append(elapsed / sizes.channels)
+                else:  # one more run, watched by a PING loop and LATENCY
+                    elapsed, removed, stall = measure.prune_with_stall(impl, admin, url)
+                    stalls[impl.name] = {**asdict(stall), "seconds": elapsed}
+                if removed != expected:
+                    raise AssertionError(f"{impl.name}: pruned {removed}, expected {expected}")
+        workloads["prune"] = {name: measure.best(s) for name, s in samples.items()}
+        results["stall"] = stalls
+        admin.flushall()
+    finally:
+        for impl in impls:
+            impl.close()
+        admin.close()
+    return results
+
+
+def measure_floors(url: str, admin: redis.Redis, sizes: Sizes) -> dict[str, Any]:
+    if not floors.available():
+        log("bench: redis-benchmark is not on PATH; floors skipped")
+        return {"note": "redis-benchmark not found"}
+    rtt_us, rows = floors.bare_round_trip(url, sizes.ping_requests)
+    sha = admin.script_load(BROADCAST_LUA.read_text())
+    # The arguments replaylog sends (see Peer.broadcast), on one channel.
+    head = Peer.head(EVENT_NAME, chat_messages(1)[0]).decode()
+    args = ["2", "replay:bench-ceiling", "replaymeta:bench-ceiling", "mq:bench-ceiling", head]
+    args += [str(arg) if isinstance(arg, int) else arg.decode() for arg in Peer.tail_for(EXPIRE_MS)]
+    ceiling = floors.script_ceiling(url, sha, args, sizes.ceiling_requests)
+    admin.delete("replay:bench-ceiling", "replaymeta:bench-ceiling")
+    return {
+        "rtt_p50_us": rtt_us,
+        "ping": [asdict(row) for row in rows],
+        "ceiling_msgs_per_s": ceiling,
+        "ceiling_requests": sizes.ceiling_requests,
+    }
+
+
+def redis_cost(stats: dict[str, dict[str, float]], name: str) -> dict[str, float]:
+    """Redis CPU per broadcast in µs, from INFO commandstats since CONFIG RESETSTAT."""
+    if name == "article":
+        publish, zadd = stats.get("publish", {}), stats.get("zadd", {})
+        calls = publish.get("calls", 0)
+        usec = publish.get("usec", 0) + zadd.get("usec", 0)
+        return {"us": usec / calls if calls else 0.0, "commands": "PUBLISH + ZADD"}
+    evalsha = stats.get("evalsha", {})
+    calls = evalsha.get("calls", 0)
+    return {
+        "us": evalsha.get("usec", 0) / calls if calls else 0.0,
+        "commands": "EVALSHA of broadcast.lua",
+    }

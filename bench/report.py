@@ -1,0 +1,275 @@
+"""Tables for the terminal and README.md, and the chart."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+IMPLS = ("article", "peer", "replaylog")
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def workloads(results: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(key, label, unit) of each workload, in order."""
+    sizes = results["sizes"]
+    return [
+        ("broadcast", "broadcast, 1 thread", "call"),
+        ("broadcast_threads", f"broadcast, {sizes['threads']} threads", "message"),
+        ("broadcast_many", f"broadcast_many of {sizes['many']:,}", "message"),
+        ("unspool", f"unspool {sizes['unspool']:,} to dicts", "message"),
+        ("unspool_raw", f"unspool(raw=True) {sizes['unspool']:,}", "message"),
+        ("prune", f"prune {sizes['channels']:,} channels", "channel"),
+    ]
+
+
+def us(seconds: float | None) -> str:
+    if seconds is None:
+        return "n/a"
+    value = seconds * 1e6
+    if value >= 100:
+        return f"{value:,.0f}"
+    if value >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}"
+
+
+def ratio(numerator: float | None, denominator: float | None) -> float | None:
+    if not numerator or not denominator:
+        return None
+    return numerator / denominator
+
+
+def times(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}×"
+
+
+def targets(results: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]:
+    """(what, measured, target, met) for each target of issue 3."""
+    w = results["workloads"]
+    fl = results.get("floors", {})
+    rows: list[tuple[str, str, str, bool | None]] = []
+
+    def versus(workload: str, peer: str, minimum: float) -> None:
+        value = ratio(w[workload].get(peer), w[workload].get("replaylog"))
+        met = None if value is None else value >= minimum
+        rows.append((f"{workload}: {peer} / replaylog", times(value), f"≥ {minimum:g}×", met))
+
+    versus("broadcast", "article", 3)
+    versus("broadcast", "peer", 1.8)
+    rtt = fl.get("rtt_p50_us")
+    if rtt:
+        value = w["broadcast"]["replaylog"] * 1e6 / rtt
+        rows.append(("broadcast: replaylog / bare RTT p50", times(value), "≤ 1.5×", value <= 1.5))
+    versus("broadcast_threads", "peer", 5)
+    ceiling = fl.get("ceiling_msgs_per_s")
+    if ceiling:
+        share = 1 / w["broadcast_many"]["replaylog"] / ceiling
+        rows.append(
+            ("broadcast_many: replaylog / script ceiling", f"{share:.0%}", "≥ 50%", share >= 0.5)
+        )
+    versus("unspool", "peer", 4)
+    versus("unspool_raw", "peer", 8)
+    versus("prune", "article", 25)
+    versus("prune", "peer", 1.5)
+    stall = results.get("stall", {}).get("replaylog")
+    if stall:
+        worst = max(stall["ping_max_ms"], stall["latency_max_ms"] or 0)
+        rows.append(
+            ("prune: replaylog's worst Redis stall", f"{worst:.1f} ms", "≤ 10 ms", worst <= 10)
+        )
+    return rows
+
+
+def _table(header: list[str], rows: list[list[str]], markdown: bool) -> str:
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
+        return "\n".join(lines)
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
+    fmt = "  ".join(f"{{:<{width}}}" for width in widths)
+    lines = [fmt.format(*header), fmt.format(*("-" * width for width in widths))]
+    lines += [fmt.format(*row) for row in rows]
+    return "\n".join(lines)
+
+
+def main_table(results: dict[str, Any], markdown: bool) -> str:
+    w = results["workloads"]
+    header = ["workload", "unit", *(f"{name} µs" for name in IMPLS)]
+    header += ["article / replaylog", "peer / replaylog"]
+    rows = []
+    for key, label, unit in workloads(results):
+        cells = w.get(key, {})
+        note = (
+            " *" if key == "broadcast_many" and "broadcast_many:article" in results["notes"] else ""
+        )
+        rows.append(
+            [
+                label,
+                f"per {unit}",
+                us(cells.get("article")) + note,
+                us(cells.get("peer")),
+                us(cells.get("replaylog")),
+                times(ratio(cells.get("article"), cells.get("replaylog"))),
+                times(ratio(cells.get("peer"), cells.get("replaylog"))),
+            ]
+        )
+    return _table(header, rows, markdown)
+
+
+def targets_table(results: dict[str, Any], markdown: bool) -> str:
+    rows = []
+    for what, value, target, met in targets(results):
+        verdict = "n/a" if met is None else ("met" if met else "NOT met")
+        rows.append([what, value, target, verdict])
+    return _table(["target", "measured", "wanted", "verdict"], rows, markdown)
+
+
+def extras(results: dict[str, Any], markdown: bool) -> str:
+    w = results["workloads"]
+    fl = results.get("floors", {})
+    bullet = "- " if markdown else "  "
+    lines = []
+    if fl.get("rtt_p50_us"):
+        one = w["broadcast"]["replaylog"] * 1e6
+        lines.append(
+            f"{bullet}Bare round trip (redis-benchmark -c 1 PING, p50): {fl['rtt_p50_us']:.1f} µs; "
+            f"replaylog's broadcast takes {one:.1f} µs = {one / fl['rtt_p50_us']:.2f}× that."
+        )
+    if fl.get("ceiling_msgs_per_s"):
+        ceiling = fl["ceiling_msgs_per_s"]
+        rate = 1 / w["broadcast_many"]["replaylog"]
+        lines.append(
+            f"{bullet}Script ceiling (redis-benchmark -P 64 EVALSHA of broadcast.lua): "
+            f"{ceiling:,.0f} msgs/s; replaylog's broadcast_many: {rate:,.0f} msgs/s "
+            f"= {rate / ceiling:.0%} of it."
+        )
+    if fl.get("note"):
+        lines.append(f"{bullet}Floors: {fl['note']}.")
+    cost = results.get("redis_us_per_broadcast", {})
+    if cost:
+        parts = [f"{name} {cost[name]['us']:.2f} µs ({cost[name]['commands']})" for name in cost]
+        lines.append(
+            f"{bullet}Redis CPU per broadcast (INFO commandstats): " + "; ".join(parts) + "."
+        )
+    memory = results.get("memory", {})
+    if memory:
+        parts = [f"{name} {memory[name]['bytes_per_message']:.0f} B" for name in memory]
+        lines.append(
+            f"{bullet}Redis memory per stored message (MEMORY USAGE / ZCARD, "
+            f"{results['sizes']['unspool']:,} messages): " + "; ".join(parts) + "."
+        )
+    stall = results.get("stall", {})
+    for name in IMPLS:
+        if name in stall:
+            s = stall[name]
+            latency = "n/a" if s["latency_max_ms"] is None else f"{s['latency_max_ms']:.0f} ms"
+            events = (
+                ", ".join(f"{k} {v} ms" for k, v in s["latency_events"].items()) or "none ≥ 1 ms"
+            )
+            lines.append(
+                f"{bullet}Prune by {name} under a PING loop: took {s['seconds'] * 1000:,.0f} ms, "
+                f"slowest of {s['pings']:,} PINGs {s['ping_max_ms']:.2f} ms, "
+                f"LATENCY LATEST max {latency} ({events})."
+            )
+    if "broadcast_many:article" in results["notes"]:
+        lines.append(
+            f"{bullet}* article has no broadcast_many; "
+            f"{results['notes']['broadcast_many:article']}."
+        )
+    payload = results["payload"]
+    lines.append(
+        f"{bullet}Payload: a chat message, {payload['content_bytes']} bytes as json.dumps content, "
+        f"{payload['stored_bytes']} bytes stored with its envelope."
+    )
+    env = results["environment"]
+    lines.append(
+        f"{bullet}Run: {env['date']}, Redis {env['redis']}, Python {env['python']}, "
+        f"redis-py {env['redis_py']} + hiredis, {env['machine']}; "
+        f"best of {results['sizes']['repeat']}."
+    )
+    return "\n".join(lines)
+
+
+def console(results: dict[str, Any]) -> str:
+    title = "replaylog benchmark" + (
+        " (smoke: tiny sizes, targets not meaningful)" if results["smoke"] else ""
+    )
+    parts = [title, "", main_table(results, markdown=False), "", extras(results, markdown=False)]
+    if not results["smoke"]:
+        parts += ["", targets_table(results, markdown=False)]
+    return "\n".join(parts)
+
+
+def markdown(results: dict[str, Any]) -> str:
+    parts = [
+        "Time per unit in µs (lower is better); ratios are peer time / replaylog time "
+        "(above 1× means replaylog is faster).",
+        "",
+        main_table(results, markdown=True),
+        "",
+        extras(results, markdown=True),
+    ]
+    if not results["smoke"]:
+        parts += [
+            "",
+            "Targets of issue 3, from this run:",
+            "",
+            targets_table(results, markdown=True),
+        ]
+    parts += ["", "![per-message cost by workload and implementation](results.png)"]
+    return "\n".join(parts)
+
+
+def update_readme(text: str, section: str) -> str:
+    block = f"{START}\n{section}\n{END}"
+    if START in text and END in text:
+        pattern = re.compile(re.escape(START) + r".*?" + re.escape(END), re.S)
+        return pattern.sub(lambda _: block, text, count=1)
+    return text.rstrip("\n") + "\n\n" + block + "\n"
+
+
+def chart(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = workloads(results)
+    colors = {"article": "#b0b0b0", "peer": "#4c78a8", "replaylog": "#e45756"}
+    fig, ax = plt.subplots(figsize=(11, 5.2), dpi=120)
+    width = 0.27
+    for offset, name in enumerate(IMPLS):
+        xs, ys = [], []
+        for index, (key, _, _) in enumerate(shown):
+            value = results["workloads"].get(key, {}).get(name)
+            if value:
+                xs.append(index + (offset - 1) * width)
+                ys.append(value * 1e6)
+        bars = ax.bar(xs, ys, width, label=name, color=colors[name])
+        for bar, y in zip(bars, ys):
+            label = f"{y:.0f}" if y >= 10 else f"{y:.2g}"
+            ax.annotate(
+                label,
+                (bar.get_x() + bar.get_width() / 2, y),
+                ha="center",
+                va="bottom",
+                fontsize=7,
+                xytext=(0, 2),
+                textcoords="offset points",
+            )
+    rtt = results.get("floors", {}).get("rtt_p50_us")
+    if rtt:
+        ax.axhline(
+            rtt, color="black", linestyle=":", linewidth=1, label=f"bare RTT p50 {rtt:.0f} µs"
+        )
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(shown)))
+    ax.set_xticklabels([f"{label}\n(per {unit})" for _, label, unit in shown], fontsize=8)
+    ax.set_ylabel("µs per unit (log scale, lower is better)")
+    ax.set_title("replaylog vs the article's code and a strong Python peer")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", which="both", alpha=0.25)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
