@@ -11,7 +11,7 @@ import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import redis
 
@@ -103,13 +103,36 @@ def run(url: str, sizes: Sizes, smoke: bool) -> dict[str, Any]:
             "redis_py": redis.__version__,
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
             "date": time.strftime("%Y-%m-%d"),
+            "load_average_start": os.getloadavg(),
         },
         "payload": {"content_bytes": content_size(), "stored_bytes": stored_size()},
         "workloads": {},  # workload -> implementation -> seconds per unit
         "notes": {},
     }
     workloads = results["workloads"]
+    redis_cpu = results["redis_cpu"] = {}  # workload -> implementation -> Redis s per unit
     impls = [cls(url, EXPIRE_MS) for cls in IMPLEMENTATIONS]
+
+    def repeated(
+        workload: str,
+        units: int,
+        timed: Callable[[Any], float],
+        setup: Callable[[Any], None] | None = None,
+        which: list[Any] | None = None,
+    ) -> None:
+        """Best of K runs of ``timed`` per implementation, interleaved, with Redis CPU."""
+        chosen = impls if which is None else which
+        samples: dict[str, list[float]] = {impl.name: [] for impl in chosen}
+        cpu = redis_cpu.setdefault(workload, {})
+        for _ in range(sizes.repeat):
+            for impl in chosen:
+                if setup is not None:
+                    setup(impl)
+                admin.config_resetstat()
+                samples[impl.name].append(timed(impl))
+                cpu[impl.name] = redis_busy_us(measure.commandstats(admin)) / units / 1e6
+        workloads[workload] = {name: measure.best(runs) for name, runs in samples.items()}
+
     try:
         admin.flushall()
         log("bench: floors (redis-benchmark)")
@@ -120,45 +143,43 @@ def run(url: str, sizes: Sizes, smoke: bool) -> dict[str, Any]:
         for impl in impls:  # connect, load scripts, warm caches
             for content in contents[:200]:
                 impl.broadcast("warm-up", EVENT_NAME, content)
-        samples: dict[str, list[float]] = {impl.name: [] for impl in impls}
-        server_cost = {}
-        for _ in range(sizes.repeat):
-            for impl in impls:
-                admin.config_resetstat()
-                samples[impl.name].append(
-                    measure.broadcast_one_thread(impl, contents, f"one:{impl.name}")
-                )
-                server_cost[impl.name] = redis_cost(measure.commandstats(admin), impl.name)
-        workloads["broadcast"] = {name: measure.best(s) for name, s in samples.items()}
-        results["redis_us_per_broadcast"] = server_cost
+        server_cost = results["redis_us_per_broadcast"] = {}
+
+        def one_thread(impl: Any) -> float:
+            elapsed = measure.broadcast_one_thread(impl, contents, f"one:{impl.name}")
+            server_cost[impl.name] = redis_cost(measure.commandstats(admin), impl.name)
+            return elapsed
+
+        repeated("broadcast", sizes.broadcast, one_thread)
 
         log(f"bench: broadcast, {sizes.threads} threads")
-        contents = chat_messages(sizes.per_thread)
-        samples = {impl.name: [] for impl in impls}
-        for _ in range(sizes.repeat):
-            for impl in impls:
-                samples[impl.name].append(
-                    measure.broadcast_threads(impl, contents, sizes.threads, f"threads:{impl.name}")
-                )
-        workloads["broadcast_threads"] = {name: measure.best(s) for name, s in samples.items()}
+        per_thread = chat_messages(sizes.per_thread)
+        repeated(
+            "broadcast_threads",
+            sizes.threads * sizes.per_thread,
+            lambda impl: measure.broadcast_threads(
+                impl, per_thread, sizes.threads, f"threads:{impl.name}"
+            ),
+        )
 
         log(f"bench: broadcast_many of {sizes.many:,}")
         admin.flushall()
-        contents = chat_messages(sizes.many)
-        samples = {impl.name: [] for impl in impls if impl.has_broadcast_many}
-        for _ in range(sizes.repeat):
-            for impl in impls:
-                if impl.has_broadcast_many:
-                    items = [(f"many:{impl.name}", EVENT_NAME, content) for content in contents]
-                    samples[impl.name].append(measure.broadcast_many(impl, items))
-        workloads["broadcast_many"] = {name: measure.best(s) for name, s in samples.items()}
+        many = chat_messages(sizes.many)
+        repeated(
+            "broadcast_many",
+            sizes.many,
+            lambda impl: measure.broadcast_many(
+                impl, [(f"many:{impl.name}", EVENT_NAME, content) for content in many]
+            ),
+            which=[impl for impl in impls if impl.has_broadcast_many],
+        )
         for impl in impls:
             if impl.broadcast_many_note:
                 results["notes"][f"broadcast_many:{impl.name}"] = impl.broadcast_many_note
 
         log(f"bench: unspool of {sizes.unspool:,}")
         admin.flushall()
-        memory = {}
+        memory = results["memory"] = {}
         for impl in impls:
             key = f"spool:{impl.name}"
             measure.fill(impl, key, sizes.unspool)
@@ -166,35 +187,39 @@ def run(url: str, sizes: Sizes, smoke: bool) -> dict[str, Any]:
             used = admin.memory_usage(f"replay:{key}", samples=0)
             used += admin.memory_usage(f"replaymeta:{key}", samples=0) or 0  # ours only
             memory[impl.name] = {"entries": entries, "bytes_per_message": used / entries}
-        results["memory"] = memory
         for raw in (False, True):
-            samples = {impl.name: [] for impl in impls}
-            for _ in range(sizes.repeat):
-                for impl in impls:
-                    samples[impl.name].append(
-                        measure.unspool(impl, f"spool:{impl.name}", sizes.unspool, raw)
-                    )
-            best_times = {name: measure.best(s) for name, s in samples.items()}
-            workloads["unspool_raw" if raw else "unspool"] = best_times
+            repeated(
+                "unspool_raw" if raw else "unspool",
+                sizes.unspool,
+                lambda impl, raw=raw: measure.unspool(
+                    impl, f"spool:{impl.name}", sizes.unspool, raw
+                ),
+            )
 
         log(f"bench: prune of {sizes.channels:,} channels")
-        samples = {impl.name: [] for impl in impls}
-        stalls = {}
-        for repetition in range(sizes.repeat + 1):
-            for impl in impls:
-                admin.flushall()
-                expected = measure.fill_for_prune(admin, sizes.channels, sizes.per_channel)
-                if repetition < sizes.repeat:
-                    elapsed, removed = measure.prune_timed(impl)
-                    samples[impl.name].append(elapsed / sizes.channels)
-                else:  # one more run, watched by a PING loop and LATENCY
-                    elapsed, removed, stall = measure.prune_with_stall(impl, admin, url)
-                    stalls[impl.name] = {**asdict(stall), "seconds": elapsed}
-                if removed != expected:
-                    raise AssertionError(f"{impl.name}: pruned {removed}, expected {expected}")
-        workloads["prune"] = {name: measure.best(s) for name, s in samples.items()}
-        results["stall"] = stalls
+        expected = 0
+
+        def fill(impl: Any) -> None:
+            nonlocal expected
+            admin.flushall()
+            expected = measure.fill_for_prune(admin, sizes.channels, sizes.per_channel)
+
+        def prune(impl: Any) -> float:
+            elapsed, removed = measure.prune_timed(impl)
+            if removed != expected:
+                raise AssertionError(f"{impl.name}: pruned {removed}, expected {expected}")
+            return elapsed / sizes.channels
+
+        repeated("prune", sizes.channels, prune, setup=fill)
+        stalls = results["stall"] = {}
+        for impl in impls:  # once more each, watched by a PING loop and LATENCY
+            fill(impl)
+            elapsed, removed, stall = measure.prune_with_stall(impl, admin, url)
+            stalls[impl.name] = {**asdict(stall), "seconds": elapsed}
+            if removed != expected:
+                raise AssertionError(f"{impl.name}: pruned {removed}, expected {expected}")
         admin.flushall()
+        results["environment"]["load_average_end"] = os.getloadavg()
     finally:
         for impl in impls:
             impl.close()
@@ -220,6 +245,20 @@ def measure_floors(url: str, admin: redis.Redis, sizes: Sizes) -> dict[str, Any]
         "ceiling_msgs_per_s": ceiling,
         "ceiling_requests": sizes.ceiling_requests,
     }
+
+
+# Commands a script runs are counted in commandstats too; only count what clients sent.
+TOP_LEVEL_WITH_SCRIPTS = {"evalsha", "scan", "zrangebyscore", "time"}
+NOT_WORKLOAD = {"info", "config", "ping", "flushall", "memory", "zcard", "script"}
+
+
+def redis_busy_us(stats: dict[str, dict[str, float]]) -> float:
+    """Microseconds Redis spent on the workload's commands since CONFIG RESETSTAT."""
+    if "evalsha" in stats:
+        names = TOP_LEVEL_WITH_SCRIPTS
+    else:
+        names = set(stats) - NOT_WORKLOAD
+    return sum(stats[name].get("usec", 0) for name in names if name in stats)
 
 
 def redis_cost(stats: dict[str, dict[str, float]], name: str) -> dict[str, float]:

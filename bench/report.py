@@ -96,7 +96,7 @@ def _table(header: list[str], rows: list[list[str]], markdown: bool) -> str:
 def main_table(results: dict[str, Any], markdown: bool) -> str:
     w = results["workloads"]
     header = ["workload", "unit", *(f"{name} µs" for name in IMPLS)]
-    header += ["article / replaylog", "peer / replaylog"]
+    header += ["article / replaylog", "peer / replaylog", "Redis CPU µs (replaylog)"]
     rows = []
     for key, label, unit in workloads(results):
         cells = w.get(key, {})
@@ -112,6 +112,7 @@ def main_table(results: dict[str, Any], markdown: bool) -> str:
                 us(cells.get("replaylog")),
                 times(ratio(cells.get("article"), cells.get("replaylog"))),
                 times(ratio(cells.get("peer"), cells.get("replaylog"))),
+                us(results.get("redis_cpu", {}).get(key, {}).get("replaylog")),
             ]
         )
     return _table(header, rows, markdown)
@@ -186,7 +187,9 @@ def extras(results: dict[str, Any], markdown: bool) -> str:
     lines.append(
         f"{bullet}Run: {env['date']}, Redis {env['redis']}, Python {env['python']}, "
         f"redis-py {env['redis_py']} + hiredis, {env['machine']}; "
-        f"best of {results['sizes']['repeat']}."
+        f"best of {results['sizes']['repeat']}; load average "
+        f"{env['load_average_start'][0]:.1f} at the start, "
+        f"{env.get('load_average_end', [0])[0]:.1f} at the end."
     )
     return "\n".join(lines)
 

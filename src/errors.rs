@@ -30,6 +30,13 @@ impl Failure {
         {
             return Failure::Connection(format!("{context}: {text}"));
         }
+        // A script's command refused by ACL comes back as ERR, not NOPERM.
+        if text.contains("can't run this command") || text.contains("no permissions") {
+            return Failure::Refused {
+                code: "NOPERM".to_owned(),
+                message: format!("{context}: Redis refused the command: {text}"),
+            };
+        }
         match error.code() {
             Some(code) => Failure::Refused {
                 code: code.to_owned(),
@@ -46,10 +53,18 @@ impl Failure {
             Failure::Refused { code, message } => (refusal_class(&code), message),
             Failure::Other(m) => ("ReplayLogError", m),
         };
-        match error_class(py, class) {
-            Ok(class) => PyErr::from_type(class, message),
-            Err(import_error) => import_error,
-        }
+        python_error(py, class, (message,))
+    }
+}
+
+/// An exception of `replaylog._errors`, made with `args`.
+pub fn python_error<'py, A>(py: Python<'py>, name: &str, args: A) -> PyErr
+where
+    A: pyo3::call::PyCallArgs<'py>,
+{
+    match error_class(py, name).and_then(|class| class.call1(args)) {
+        Ok(error) => PyErr::from_value(error),
+        Err(e) => e,
     }
 }
 

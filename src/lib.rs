@@ -1,26 +1,39 @@
 //! The `replaylog._native` module: argument conversion, releasing the GIL, error mapping.
-//! The work is done in plain Rust modules: `json`, `store`, `connection`.
+//! The work is done in plain Rust modules: `json`, `store`, `subscription`, `connection`.
 
+mod aio;
 mod connection;
+mod convert;
 mod errors;
 mod json;
 mod store;
+mod subscription;
 
+use std::future::Future;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBool, PyBytes, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
+use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
+use redis::aio::ConnectionManager;
+use redis::RedisResult;
+use tokio::task::JoinHandle;
 
-use connection::{Connection, Settings};
-use errors::Failure;
+use connection::{runtime, Connection, Settings};
+use convert::{channel_str, messages_to_python, parse_limit, parse_since, triple, type_name};
+use errors::{python_error, Failure};
 use json::Encoder;
-use store::{Layout, Limits, Outgoing, Since, Store};
+use store::{Layout, Limits, Outgoing, Store};
+use subscription::{Delivery, Subscription};
 
-/// One replay log: a Redis URL, key prefixes, and this process's connection.
+/// `(loop, future)`: run asynchronously and resolve `future` on `loop` with the result.
+type Aio<'py> = Option<(Bound<'py, PyAny>, Bound<'py, PyAny>)>;
+
+/// One replay log: a Redis URL, key layout and limits, and this process's connection.
 #[pyclass(module = "replaylog._native", frozen)]
 struct NativeLog {
-    store: Store,
+    store: Arc<Store>,
 }
 
 #[pymethods]
@@ -52,8 +65,9 @@ impl NativeLog {
             response_timeout: seconds(response_timeout)?,
         };
         let connection = Connection::new(settings).map_err(|e| {
-            let message = format!("invalid Redis URL {masked_url}: {}", e.category());
-            config_error(py, message)
+            let reason = e.detail().unwrap_or(e.category()).replace(url, &masked_url);
+            let message = format!("invalid Redis URL {masked_url}: {reason}");
+            python_error(py, "ConfigurationError", (message,))
         })?;
         let layout = Layout {
             channel_prefix,
@@ -68,12 +82,12 @@ impl NativeLog {
             idempotency_window_ms,
         };
         Ok(NativeLog {
-            store: Store::new(connection, masked_url, layout, limits),
+            store: Arc::new(Store::new(connection, masked_url, layout, limits)),
         })
     }
 
     /// Publishes and stores one message; returns its timestamp.
-    #[pyo3(signature = (channel, event_name, content, default=None, idempotency_key=None))]
+    #[pyo3(signature = (channel, event_name, content, default=None, idempotency_key=None, *, aio=None))]
     fn broadcast(
         &self,
         py: Python<'_>,
@@ -82,7 +96,8 @@ impl NativeLog {
         content: &Bound<'_, PyAny>,
         default: Option<&Bound<'_, PyAny>>,
         idempotency_key: Option<&Bound<'_, PyAny>>,
-    ) -> PyResult<i64> {
+        aio: Aio<'_>,
+    ) -> PyResult<Py<PyAny>> {
         let mut message = self.encode(channel, event_name, content, default)?;
         if let Some(key) = idempotency_key.filter(|key| !key.is_none()) {
             let key = key.cast::<PyString>().map_err(|_| {
@@ -97,20 +112,24 @@ impl NativeLog {
                     .idempotency_key(channel_str(channel)?, key.to_str()?),
             );
         }
-        let timestamps = self.run(py, "broadcast", |manager| {
-            self.store
-                .broadcast(manager, std::slice::from_ref(&message))
-        })?;
-        Ok(timestamps[0])
+        self.dispatch(
+            py,
+            "broadcast",
+            aio,
+            move |store, manager| async move { store.broadcast(manager, &[message]).await },
+            |py, timestamps| Ok(timestamps[0].into_pyobject(py)?.into_any().unbind()),
+        )
     }
 
     /// Broadcasts `(channel, event_name, content)` items in one round trip.
+    #[pyo3(signature = (items, default=None, *, aio=None))]
     fn broadcast_many(
         &self,
         py: Python<'_>,
         items: &Bound<'_, PyList>,
         default: Option<&Bound<'_, PyAny>>,
-    ) -> PyResult<Vec<i64>> {
+        aio: Aio<'_>,
+    ) -> PyResult<Py<PyAny>> {
         // Everything is serialized before anything is sent: one bad item writes nothing.
         let mut messages = Vec::with_capacity(items.len());
         for (index, item) in items.iter().enumerate() {
@@ -118,43 +137,58 @@ impl NativeLog {
                 .map_err(|e| PyTypeError::new_err(format!("broadcast_many item {index}: {e}")))?;
             messages.push(self.encode(&channel, &event_name, &content, default)?);
         }
-        if messages.is_empty() {
-            return Ok(Vec::new());
-        }
-        self.run(py, "broadcast_many", |manager| {
-            self.store.broadcast(manager, &messages)
-        })
+        self.dispatch(
+            py,
+            "broadcast_many",
+            aio,
+            move |store, manager| async move {
+                if messages.is_empty() {
+                    return Ok(Vec::new());
+                }
+                store.broadcast(manager, &messages).await
+            },
+            |py, timestamps| Ok(timestamps.into_pyobject(py)?.into_any().unbind()),
+        )
     }
 
     /// Messages of `channel` newer than `since`, oldest first: dicts, or with `raw` the JSON.
-    fn unspool<'py>(
+    #[pyo3(signature = (channel, since, raw, limit, *, aio=None))]
+    fn unspool(
         &self,
-        py: Python<'py>,
-        channel: &Bound<'py, PyAny>,
-        since: &Bound<'py, PyAny>,
+        py: Python<'_>,
+        channel: &Bound<'_, PyAny>,
+        since: &Bound<'_, PyAny>,
         raw: bool,
-        limit: Option<&Bound<'py, PyAny>>,
-    ) -> PyResult<Bound<'py, PyList>> {
+        limit: Option<&Bound<'_, PyAny>>,
+        aio: Aio<'_>,
+    ) -> PyResult<Py<PyAny>> {
         let request = (
             self.store.layout.channel_keys(channel_str(channel)?),
             parse_since(since)?,
         );
         let limit = parse_limit(limit)?;
-        let mut logs = self.run(py, "unspool", |manager| {
-            self.store
-                .unspool(manager, std::slice::from_ref(&request), limit)
-        })?;
-        messages_to_python(py, logs.pop().unwrap_or_default(), raw)
+        self.dispatch(
+            py,
+            "unspool",
+            aio,
+            move |store, manager| async move { store.unspool(manager, &[request], limit).await },
+            move |py, mut logs| {
+                let messages = logs.pop().unwrap_or_default();
+                Ok(messages_to_python(py, messages, raw)?.into_any().unbind())
+            },
+        )
     }
 
     /// `unspool` for many `(channel, since)` pairs in one round trip: `{channel: messages}`.
-    fn unspool_many<'py>(
+    #[pyo3(signature = (cursors, raw, limit, *, aio=None))]
+    fn unspool_many(
         &self,
-        py: Python<'py>,
-        cursors: &Bound<'py, PyList>,
+        py: Python<'_>,
+        cursors: &Bound<'_, PyList>,
         raw: bool,
-        limit: Option<&Bound<'py, PyAny>>,
-    ) -> PyResult<Bound<'py, PyDict>> {
+        limit: Option<&Bound<'_, PyAny>>,
+        aio: Aio<'_>,
+    ) -> PyResult<Py<PyAny>> {
         let mut channels = Vec::with_capacity(cursors.len());
         let mut requests = Vec::with_capacity(cursors.len());
         for pair in cursors.iter() {
@@ -164,60 +198,128 @@ impl NativeLog {
                 self.store.layout.channel_keys(channel_str(&channel)?),
                 parse_since(&pair.get_item(1)?)?,
             ));
-            channels.push(channel);
+            channels.push(channel.unbind());
         }
         let limit = parse_limit(limit)?;
-        let result = PyDict::new(py);
-        if requests.is_empty() {
-            return Ok(result);
-        }
-        let logs = self.run(py, "unspool_many", |manager| {
-            self.store.unspool(manager, &requests, limit)
-        })?;
-        for (channel, messages) in channels.into_iter().zip(logs) {
-            result.set_item(channel, messages_to_python(py, messages, raw)?)?;
-        }
-        Ok(result)
+        self.dispatch(
+            py,
+            "unspool_many",
+            aio,
+            move |store, manager| async move {
+                if requests.is_empty() {
+                    return Ok(Vec::new());
+                }
+                store.unspool(manager, &requests, limit).await
+            },
+            move |py, logs| {
+                let result = PyDict::new(py);
+                for (channel, messages) in channels.into_iter().zip(logs) {
+                    result.set_item(channel, messages_to_python(py, messages, raw)?)?;
+                }
+                Ok(result.into_any().unbind())
+            },
+        )
     }
 
     /// `unspool` plus completeness: `(complete, messages, epoch)`.
-    #[pyo3(signature = (channel, since, raw, limit, epoch=None))]
-    fn replay<'py>(
+    #[pyo3(signature = (channel, since, raw, limit, epoch=None, *, aio=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn replay(
         &self,
-        py: Python<'py>,
-        channel: &Bound<'py, PyAny>,
-        since: &Bound<'py, PyAny>,
+        py: Python<'_>,
+        channel: &Bound<'_, PyAny>,
+        since: &Bound<'_, PyAny>,
         raw: bool,
-        limit: Option<&Bound<'py, PyAny>>,
-        epoch: Option<&str>,
-    ) -> PyResult<(bool, Bound<'py, PyList>, Option<String>)> {
+        limit: Option<&Bound<'_, PyAny>>,
+        epoch: Option<String>,
+        aio: Aio<'_>,
+    ) -> PyResult<Py<PyAny>> {
         let request = (
             self.store.layout.channel_keys(channel_str(channel)?),
             parse_since(since)?,
         );
         let limit = parse_limit(limit)?;
-        let mut replays = self.run(py, "replay", |manager| {
-            self.store.replay(
-                manager,
-                std::slice::from_ref(&request),
-                limit,
-                epoch.unwrap_or(""),
-            )
-        })?;
-        let replayed = replays.pop().unwrap_or_default();
-        let epoch = (!replayed.epoch.is_empty()).then_some(replayed.epoch);
-        Ok((
-            replayed.complete,
-            messages_to_python(py, replayed.messages, raw)?,
-            epoch,
-        ))
+        let epoch = epoch.unwrap_or_default();
+        self.dispatch(
+            py,
+            "replay",
+            aio,
+            move |store, manager| async move {
+                store.replay(manager, &[request], limit, &epoch).await
+            },
+            move |py, mut replays| {
+                let replayed = replays.pop().unwrap_or_default();
+                let epoch = (!replayed.epoch.is_empty()).then_some(replayed.epoch);
+                let messages = messages_to_python(py, replayed.messages, raw)?;
+                Ok((replayed.complete, messages, epoch)
+                    .into_pyobject(py)?
+                    .into_any()
+                    .unbind())
+            },
+        )
     }
 
     /// Trims entries older than `expire_ms` from every log; returns how many it removed.
-    fn prune(&self, py: Python<'_>, expire_ms: i64) -> PyResult<i64> {
-        self.run(py, "prune_replay_logs", |manager| {
-            self.store.prune(manager, expire_ms)
-        })
+    #[pyo3(signature = (expire_ms, *, aio=None))]
+    fn prune(&self, py: Python<'_>, expire_ms: i64, aio: Aio<'_>) -> PyResult<Py<PyAny>> {
+        self.dispatch(
+            py,
+            "prune_replay_logs",
+            aio,
+            move |store, manager| async move { store.prune(manager, expire_ms).await },
+            |py, removed| Ok(removed.into_pyobject(py)?.into_any().unbind()),
+        )
+    }
+
+    /// Subscribes to `(channel, since or None)` pairs; see `subscription.rs`.
+    #[pyo3(signature = (channels, *, aio=None))]
+    fn subscribe(
+        &self,
+        py: Python<'_>,
+        channels: &Bound<'_, PyList>,
+        aio: Aio<'_>,
+    ) -> PyResult<Py<PyAny>> {
+        let mut requests = Vec::with_capacity(channels.len());
+        for pair in channels.iter() {
+            let pair = pair.cast_into::<PyTuple>()?;
+            let channel = channel_str(&pair.get_item(0)?)?.to_owned();
+            let since = pair.get_item(1)?;
+            let since = if since.is_none() {
+                None
+            } else {
+                Some(since.extract::<i64>().map_err(|_| {
+                    PyTypeError::new_err(format!(
+                        "since must be an int or None, not {}",
+                        type_name(&since)
+                    ))
+                })?)
+            };
+            requests.push((channel, since));
+        }
+        let store = self.store.clone();
+        let open = async move {
+            let (subscription, listener) = Subscription::open(store, requests).await?;
+            Ok(NativeSubscription {
+                names: subscription.names.clone(),
+                inner: Arc::new(tokio::sync::Mutex::new(subscription)),
+                tasks: Mutex::new(vec![listener]),
+            })
+        };
+        let convert = |py: Python<'_>, subscription: NativeSubscription| {
+            Ok(Py::new(py, subscription)?.into_any())
+        };
+        match aio {
+            None => {
+                let subscription = py
+                    .detach(|| runtime().block_on(open))
+                    .map_err(|failure: Failure| failure.into_pyerr(py))?;
+                convert(py, subscription)
+            }
+            Some((event_loop, future)) => {
+                aio::spawn(event_loop, future, open, convert);
+                Ok(py.None())
+            }
+        }
     }
 
     fn close(&self) {
@@ -247,11 +349,7 @@ impl NativeLog {
         let event_name = event_name.cast::<PyString>().map_err(|_| {
             PyTypeError::new_err(format!(
                 "event_name must be str, not {}",
-                event_name
-                    .get_type()
-                    .name()
-                    .map(|n| n.to_string())
-                    .unwrap_or_default()
+                type_name(event_name)
             ))
         })?;
         let mut encoder = Encoder::new(default, Vec::with_capacity(256));
@@ -267,15 +365,176 @@ impl NativeLog {
         })
     }
 
-    /// Runs a Redis operation with the GIL released; failures become Python exceptions.
-    fn run<T, F, Fut>(&self, py: Python<'_>, what: &str, operation: F) -> PyResult<T>
+    /// Runs a Redis operation prepared under the GIL: without `aio`, now, with the GIL
+    /// released; with it, on the runtime, resolving the asyncio future when done.
+    fn dispatch<T, F, Fut, C>(
+        &self,
+        py: Python<'_>,
+        what: &'static str,
+        aio: Aio<'_>,
+        operation: F,
+        convert: C,
+    ) -> PyResult<Py<PyAny>>
     where
-        T: Send,
-        F: FnOnce(redis::aio::ConnectionManager) -> Fut + Send,
-        Fut: std::future::Future<Output = redis::RedisResult<T>>,
+        T: Send + 'static,
+        F: FnOnce(Arc<Store>, ConnectionManager) -> Fut + Send + 'static,
+        Fut: Future<Output = RedisResult<T>> + Send + 'static,
+        C: FnOnce(Python<'_>, T) -> PyResult<Py<PyAny>> + Send + 'static,
     {
-        py.detach(|| self.store.run(what, operation))
-            .map_err(|failure: Failure| failure.into_pyerr(py))
+        let store = self.store.clone();
+        let work = async move {
+            let owner = store.clone();
+            owner.call(what, |manager| operation(store, manager)).await
+        };
+        match aio {
+            None => {
+                let value = py
+                    .detach(|| runtime().block_on(work))
+                    .map_err(|failure: Failure| failure.into_pyerr(py))?;
+                convert(py, value)
+            }
+            Some((event_loop, future)) => {
+                aio::spawn(event_loop, future, work, convert);
+                Ok(py.None())
+            }
+        }
+    }
+}
+
+/// A live subscription; `replaylog.Subscription` wraps it.
+#[pyclass(module = "replaylog._native", frozen)]
+struct NativeSubscription {
+    names: Vec<String>,
+    inner: Arc<tokio::sync::Mutex<Subscription>>,
+    /// The pub/sub task (ending it closes the connection and the stream), and the task
+    /// feeding an asyncio queue when iterated asynchronously.
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// How often a blocked `next` wakes to let Ctrl-C through.
+const SIGNAL_CHECK: Duration = Duration::from_millis(100);
+
+#[pymethods]
+impl NativeSubscription {
+    /// The next message as a dict, None on timeout or once closed (see `closed`).
+    /// Raises `IncompleteReplayError` where a hole could not be filled.
+    #[pyo3(signature = (timeout=None))]
+    fn next(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Option<Py<PyAny>>> {
+        let deadline = match timeout {
+            Some(seconds) => Some(std::time::Instant::now() + self::seconds_or_zero(seconds)?),
+            None => None,
+        };
+        loop {
+            let slice = deadline.map_or(SIGNAL_CHECK, |deadline| {
+                deadline
+                    .saturating_duration_since(std::time::Instant::now())
+                    .min(SIGNAL_CHECK)
+            });
+            let inner = self.inner.clone();
+            // `next` is cancel-safe: a slice that ends first loses nothing.
+            let outcome = py.detach(|| {
+                runtime().block_on(async move {
+                    let mut subscription = inner.lock().await;
+                    tokio::time::timeout(slice, subscription.next()).await
+                })
+            });
+            match outcome {
+                Ok(delivery) => {
+                    let delivery = delivery.map_err(|failure| failure.into_pyerr(py))?;
+                    return delivery
+                        .map(|delivery| delivery_to_python(py, &self.names, delivery))
+                        .transpose();
+                }
+                Err(_) if deadline.is_some_and(|d| std::time::Instant::now() >= d) => {
+                    return Ok(None)
+                }
+                Err(_) => py.check_signals()?,
+            }
+        }
+    }
+
+    /// Feeds deliveries to `queue` (an asyncio.Queue) on `loop`, in batches: dicts, exception
+    /// instances for holes and failures, and None at the end.
+    fn start_pump(&self, event_loop: Bound<'_, PyAny>, queue: Bound<'_, PyAny>) {
+        let inner = self.inner.clone();
+        let names = self.names.clone();
+        let event_loop = event_loop.unbind();
+        let queue = queue.unbind();
+        let task = runtime().spawn(async move {
+            loop {
+                let mut subscription = inner.lock().await;
+                let batch = subscription.next_batch().await;
+                drop(subscription);
+                let finished =
+                    matches!(batch, Ok(ref deliveries) if deliveries.is_empty()) || batch.is_err();
+                let delivered = aio::with_python(|py| {
+                    let items = PyList::empty(py);
+                    match batch {
+                        Ok(deliveries) if deliveries.is_empty() => items.append(py.None())?,
+                        Ok(deliveries) => {
+                            for delivery in deliveries {
+                                let item = match delivery_to_python(py, &names, delivery) {
+                                    Ok(message) => message,
+                                    Err(error) => error.into_value(py).into_any(),
+                                };
+                                items.append(item)?;
+                            }
+                        }
+                        Err(failure) => {
+                            items.append(failure.into_pyerr(py).into_value(py))?;
+                            items.append(py.None())?;
+                        }
+                    }
+                    aio::deliver(py, &event_loop, &queue, items)
+                });
+                if !matches!(delivered, Some(Ok(()))) || finished {
+                    return;
+                }
+            }
+        });
+        self.tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(task);
+    }
+
+    /// Unsubscribes and releases the pub/sub connection; iteration then ends.
+    /// Returns once the connection is closed.
+    fn close(&self, py: Python<'_>) {
+        let tasks: Vec<JoinHandle<()>> =
+            std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        for task in &tasks {
+            task.abort();
+        }
+        // The pump may be waiting for the GIL: release it while the tasks wind down.
+        py.detach(|| {
+            runtime().block_on(async {
+                for task in tasks {
+                    let _ = task.await;
+                }
+            })
+        });
+    }
+
+    #[getter]
+    fn channels(&self) -> Vec<String> {
+        self.names.clone()
+    }
+}
+
+fn delivery_to_python(py: Python<'_>, names: &[String], delivery: Delivery) -> PyResult<Py<PyAny>> {
+    match delivery {
+        Delivery::Message { channel, payload } => {
+            let message = json::decode(py, &payload)?;
+            let dict = message.cast::<PyDict>()?;
+            dict.set_item("channel", &names[channel])?;
+            Ok(message.unbind())
+        }
+        Delivery::Gap { channel, since } => Err(python_error(
+            py,
+            "IncompleteReplayError",
+            (names[channel].clone(), since),
+        )),
     }
 }
 
@@ -285,126 +544,17 @@ fn seconds(value: f64) -> PyResult<Duration> {
     })
 }
 
-fn config_error(py: Python<'_>, message: String) -> PyErr {
-    match py
-        .import("replaylog._errors")
-        .and_then(|module| module.getattr("ConfigurationError"))
-        .and_then(|class| class.call1((message,)))
-    {
-        Ok(error) => PyErr::from_value(error),
-        Err(e) => e,
+fn seconds_or_zero(value: f64) -> PyResult<Duration> {
+    if value <= 0.0 {
+        return Ok(Duration::ZERO);
     }
+    seconds(value)
 }
 
-fn type_name(obj: &Bound<'_, PyAny>) -> String {
-    obj.get_type()
-        .name()
-        .map(|n| n.to_string())
-        .unwrap_or_else(|_| "?".into())
-}
-
-fn channel_str<'a>(channel: &'a Bound<'_, PyAny>) -> PyResult<&'a str> {
-    let channel = channel.cast::<PyString>().map_err(|_| {
-        PyTypeError::new_err(format!("channel must be str, not {}", type_name(channel)))
-    })?;
-    channel.to_str()
-}
-
-fn triple<'py>(
-    item: &Bound<'py, PyAny>,
-) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>, Bound<'py, PyAny>)> {
-    let tuple = item.cast::<PyTuple>().map_err(|_| {
-        PyTypeError::new_err(format!(
-            "expected a (channel, event_name, content) tuple, not {}",
-            type_name(item)
-        ))
-    })?;
-    if tuple.len() != 3 {
-        return Err(PyTypeError::new_err(format!(
-            "expected a (channel, event_name, content) tuple, got {} items",
-            tuple.len()
-        )));
-    }
-    Ok((tuple.get_item(0)?, tuple.get_item(1)?, tuple.get_item(2)?))
-}
-
-/// A cursor: an int, a float, or a numeric string, as clients send it.
-fn parse_since(since: &Bound<'_, PyAny>) -> PyResult<Since> {
-    if since.is_instance_of::<PyBool>() {
-        return Err(PyTypeError::new_err(
-            "since must be a number or a numeric string, not bool",
-        ));
-    }
-    if let Ok(int) = since.cast::<PyInt>() {
-        return Ok(match int.extract::<i64>() {
-            Ok(value) => Since::Int(value),
-            Err(_) => Since::Float(int.extract::<f64>().unwrap_or(if int.lt(0)? {
-                f64::NEG_INFINITY
-            } else {
-                f64::INFINITY
-            })),
-        });
-    }
-    let value = if let Ok(float) = since.cast::<PyFloat>() {
-        float.value()
-    } else if let Ok(text) = since.cast::<PyString>() {
-        let text = text.to_str()?.trim();
-        if let Ok(value) = text.parse::<i64>() {
-            return Ok(Since::Int(value));
-        }
-        text.parse::<f64>().map_err(|_| {
-            PyValueError::new_err(format!("since must be a numeric string, got {text:?}"))
-        })?
-    } else {
-        return Err(PyTypeError::new_err(format!(
-            "since must be an int, a float or a numeric string, not {}",
-            type_name(since)
-        )));
-    };
-    if value.is_nan() {
-        return Err(PyValueError::new_err("since must not be NaN"));
-    }
-    Ok(Since::Float(value))
-}
-
-fn parse_limit(limit: Option<&Bound<'_, PyAny>>) -> PyResult<Option<u64>> {
-    let Some(limit) = limit else { return Ok(None) };
-    if limit.is_none() {
-        return Ok(None);
-    }
-    if limit.is_instance_of::<PyBool>() || !limit.is_instance_of::<PyInt>() {
-        return Err(PyTypeError::new_err(format!(
-            "limit must be an int, not {}",
-            type_name(limit)
-        )));
-    }
-    limit
-        .extract::<u64>()
-        .map(Some)
-        .map_err(|_| PyValueError::new_err("limit must be zero or more"))
-}
-
-fn messages_to_python(
-    py: Python<'_>,
-    messages: Vec<Vec<u8>>,
-    raw: bool,
-) -> PyResult<Bound<'_, PyList>> {
-    let list = PyList::empty(py);
-    for message in messages {
-        let item = if raw {
-            PyString::new(
-                py,
-                std::str::from_utf8(&message).map_err(|e| {
-                    PyValueError::new_err(format!("a stored message is not UTF-8: {e}"))
-                })?,
-            )
-            .into_any()
-        } else {
-            json::decode(py, &message)?
-        };
-        list.append(item)?;
-    }
-    Ok(list)
+/// At interpreter exit: background tasks stop calling into Python (see `aio::with_python`).
+#[pyfunction]
+fn shutdown(py: Python<'_>) {
+    py.detach(aio::shutdown);
 }
 
 /// Serializes `obj` as replaylog stores content (tests compare it with `json.dumps`).
@@ -438,7 +588,9 @@ fn decode_json<'py>(py: Python<'py>, data: &Bound<'py, PyAny>) -> PyResult<Bound
 #[pymodule]
 fn _native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_class::<NativeLog>()?;
+    module.add_class::<NativeSubscription>()?;
     module.add_function(wrap_pyfunction!(encode_json, module)?)?;
     module.add_function(wrap_pyfunction!(decode_json, module)?)?;
+    module.add_function(wrap_pyfunction!(shutdown, module)?)?;
     Ok(())
 }

@@ -5,7 +5,7 @@ use std::future::Future;
 use redis::aio::ConnectionManager;
 use redis::{Cmd, Pipeline, RedisError, RedisResult, Script, Value};
 
-use crate::connection::{runtime, Connection};
+use crate::connection::Connection;
 use crate::errors::Failure;
 
 const BROADCAST_LUA: &str = include_str!("lua/broadcast.lua");
@@ -26,6 +26,7 @@ pub struct Outgoing {
 }
 
 /// The Redis names of one channel.
+#[derive(Clone)]
 pub struct ChannelKeys {
     /// `PUBLISH` target: `mq:<channel>`.
     pub pubsub: Vec<u8>,
@@ -88,6 +89,8 @@ pub struct Replayed {
     pub messages: Vec<Vec<u8>>,
     /// Names the log's history; empty when the log has no bookkeeping.
     pub epoch: String,
+    /// The newest entry's timestamp, if the log has any.
+    pub newest: Option<i64>,
 }
 
 /// How big and how old logs may grow.
@@ -161,9 +164,8 @@ impl Store {
         self.connection.close();
     }
 
-    /// Runs one operation to completion on this process's runtime, bounded in time.
-    /// Call it with the GIL released.
-    pub fn run<T, F, Fut>(&self, what: &str, operation: F) -> Result<T, Failure>
+    /// Runs one operation on this log's connection, bounded in time.
+    pub async fn call<T, F, Fut>(&self, what: &str, operation: F) -> Result<T, Failure>
     where
         F: FnOnce(ConnectionManager) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
@@ -175,17 +177,24 @@ impl Store {
             .map_err(|e| Failure::from_redis(&e, &context, self.secret.as_deref()))?;
         let settings = self.connection.settings();
         let limit = settings.connect_timeout + settings.response_timeout;
-        let future = operation(manager);
-        runtime().block_on(async {
-            match tokio::time::timeout(limit, future).await {
-                Ok(Ok(value)) => Ok(value),
-                Ok(Err(e)) => Err(Failure::from_redis(&e, &context, self.secret.as_deref())),
-                Err(_) => Err(Failure::Timeout(format!(
-                    "{context}: no answer within {:.3}s",
-                    limit.as_secs_f64()
-                ))),
-            }
-        })
+        match tokio::time::timeout(limit, operation(manager)).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => Err(Failure::from_redis(&e, &context, self.secret.as_deref())),
+            Err(_) => Err(Failure::Timeout(format!(
+                "{context}: no answer within {:.3}s",
+                limit.as_secs_f64()
+            ))),
+        }
+    }
+
+    /// Classifies an error of this log's own making (the subscription's connection).
+    pub fn failure(&self, error: &RedisError, what: &str) -> Failure {
+        let context = format!("{what} on {}", self.label);
+        Failure::from_redis(error, &context, self.secret.as_deref())
+    }
+
+    pub fn settings(&self) -> &crate::connection::Settings {
+        self.connection.settings()
     }
 
     /// Publishes and stores each message in one atomic script run, all in one round trip.
@@ -251,12 +260,13 @@ impl Store {
         replies
             .into_iter()
             .map(|reply| {
-                let (complete, messages, epoch): (i64, Vec<Vec<u8>>, String) =
+                let (complete, messages, epoch, newest): (i64, Vec<Vec<u8>>, String, Option<f64>) =
                     redis::from_redis_value(reply)?;
                 Ok(Replayed {
                     complete: complete == 1,
                     messages,
                     epoch,
+                    newest: newest.map(|score| score as i64),
                 })
             })
             .collect()

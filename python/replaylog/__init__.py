@@ -5,6 +5,8 @@ The module-level functions use a default :class:`ReplayLog`, built on first use,
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import os
 import threading
 from collections.abc import Iterable, Mapping
@@ -14,6 +16,7 @@ from . import _settings
 from ._errors import (
     ConfigurationError,
     ConnectionError,
+    IncompleteReplayError,
     OutOfMemoryError,
     PermissionDeniedError,
     ReadOnlyError,
@@ -21,19 +24,30 @@ from ._errors import (
     ReplayLogError,
     TimeoutError,
 )
-from ._native import NativeLog
+from ._native import NativeLog, shutdown
+from ._subscription import AsyncSubscription, Since, Subscription, subscription_requests
 
 __all__ = [
+    "AsyncSubscription",
     "ConfigurationError",
     "ConnectionError",
+    "IncompleteReplayError",
     "OutOfMemoryError",
     "PermissionDeniedError",
     "ReadOnlyError",
     "RedisRefusedError",
     "Replay",
+    "Subscription",
     "ReplayLog",
     "ReplayLogError",
     "TimeoutError",
+    "abroadcast",
+    "abroadcast_many",
+    "aprune_replay_logs",
+    "areplay",
+    "asubscribe",
+    "aunspool",
+    "aunspool_many",
     "broadcast",
     "broadcast_many",
     "configure",
@@ -41,6 +55,7 @@ __all__ = [
     "prune_replay_logs",
     "replay",
     "reset_default",
+    "subscribe",
     "unspool",
     "unspool_many",
 ]
@@ -51,6 +66,7 @@ Default = Optional[Callable[[Any], Any]]
 for _error in (
     ConfigurationError,
     ConnectionError,
+    IncompleteReplayError,
     OutOfMemoryError,
     PermissionDeniedError,
     ReadOnlyError,
@@ -235,14 +251,107 @@ class ReplayLog:
         Walks the keyspace with SCAN, never KEYS, and pipelines the trims in batches.
         Returns how many entries it removed.
         """
-        expire = (
-            self.expire_ms if expire_ms is None else _settings.as_expire_ms("expire_ms", expire_ms)
+        return self._native.prune(self._prune_expiry(expire_ms))
+
+    def subscribe(self, channels: str | Iterable[str], since: Since = None) -> Subscription:
+        """Subscribe to ``channels``: every message after ``since`` first, then live ones.
+
+        ``since`` is a cursor (a timestamp) for every channel, or a dict of channel to cursor;
+        None (or a channel left out of the dict) starts from now. Use it as a context manager
+        and iterate; see :class:`Subscription`.
+        """
+        return Subscription(self._native.subscribe(subscription_requests(channels, since)))
+
+    def asubscribe(self, channels: str | Iterable[str], since: Since = None) -> AsyncSubscription:
+        """:meth:`subscribe` for asyncio: ``async with log.asubscribe(...) as sub``."""
+        requests = subscription_requests(channels, since)
+        return AsyncSubscription(lambda: _run_async(self._native.subscribe, requests))
+
+    async def abroadcast(
+        self,
+        channel: str,
+        event_name: str,
+        content: Any,
+        *,
+        default: Default = None,
+        idempotency_key: str | None = None,
+    ) -> int:
+        """:meth:`broadcast` without blocking the event loop."""
+        return await _run_async(
+            self._native.broadcast,
+            channel,
+            event_name,
+            content,
+            default or self.default,
+            idempotency_key,
         )
-        return self._native.prune(expire)
+
+    async def abroadcast_many(
+        self, items: Iterable[tuple[str, str, Any]], *, default: Default = None
+    ) -> list[int]:
+        """:meth:`broadcast_many` without blocking the event loop."""
+        return await _run_async(self._native.broadcast_many, list(items), default or self.default)
+
+    async def aunspool(
+        self,
+        channel: str,
+        since: int | float | str = 0,
+        *,
+        raw: bool = False,
+        limit: int | None = None,
+    ) -> list[Any]:
+        """:meth:`unspool` without blocking the event loop."""
+        return await _run_async(self._native.unspool, channel, since, raw, limit)
+
+    async def aunspool_many(
+        self,
+        cursors: Mapping[str, int | float | str],
+        *,
+        raw: bool = False,
+        limit: int | None = None,
+    ) -> dict[str, list[Any]]:
+        """:meth:`unspool_many` without blocking the event loop."""
+        if not isinstance(cursors, Mapping):
+            raise TypeError(f"cursors must be a mapping, got {type(cursors).__name__}")
+        return await _run_async(self._native.unspool_many, list(cursors.items()), raw, limit)
+
+    async def areplay(
+        self,
+        channel: str,
+        since: int | float | str = 0,
+        *,
+        raw: bool = False,
+        limit: int | None = None,
+        epoch: str | None = None,
+    ) -> Replay:
+        """:meth:`replay` without blocking the event loop."""
+        if epoch is not None and not isinstance(epoch, str):
+            raise TypeError(f"epoch must be str, not {type(epoch).__name__}")
+        complete, messages, current_epoch = await _run_async(
+            self._native.replay, channel, since, raw, limit, epoch
+        )
+        return Replay(messages, complete, current_epoch)
+
+    async def aprune_replay_logs(self, expire_ms: int | None = None) -> int:
+        """:meth:`prune_replay_logs` without blocking the event loop."""
+        return await _run_async(self._native.prune, self._prune_expiry(expire_ms))
 
     def close(self) -> None:
         """Drop this log's connection; the next call opens a new one."""
         self._native.close()
+
+    def _prune_expiry(self, expire_ms: int | None) -> int:
+        if expire_ms is None:
+            return self.expire_ms
+        return _settings.as_expire_ms("expire_ms", expire_ms)
+
+
+async def _run_async(method: Callable[..., None], *args: Any) -> Any:
+    """Runs a native method on the Rust runtime; the loop awaits a future it resolves."""
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+    method(*args, aio=(loop, future))
+    return await future
 
 
 class Replay(NamedTuple):
@@ -365,5 +474,70 @@ def prune_replay_logs(expire_ms: int | None = None) -> int:
 
 # A forked child rebuilds its connection on first use (the native layer checks the pid too);
 # this drops the parent's handle in the child without touching the parent's sockets.
+# Background tasks must stop calling into Python before the interpreter finalizes.
+atexit.register(shutdown)
+
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=lambda: NativeLog._after_fork_in_child())
+
+
+def subscribe(channels: str | Iterable[str], since: Since = None) -> Subscription:
+    """:meth:`ReplayLog.subscribe` on the default log."""
+    return get_default().subscribe(channels, since)
+
+
+def asubscribe(channels: str | Iterable[str], since: Since = None) -> AsyncSubscription:
+    """:meth:`ReplayLog.asubscribe` on the default log."""
+    return get_default().asubscribe(channels, since)
+
+
+async def abroadcast(
+    channel: str,
+    event_name: str,
+    content: Any,
+    *,
+    default: Default = None,
+    idempotency_key: str | None = None,
+) -> int:
+    """:meth:`ReplayLog.abroadcast` on the default log."""
+    return await get_default().abroadcast(
+        channel, event_name, content, default=default, idempotency_key=idempotency_key
+    )
+
+
+async def abroadcast_many(
+    items: Iterable[tuple[str, str, Any]], *, default: Default = None
+) -> list[int]:
+    """:meth:`ReplayLog.abroadcast_many` on the default log."""
+    return await get_default().abroadcast_many(items, default=default)
+
+
+async def aunspool(
+    channel: str, since: int | float | str = 0, *, raw: bool = False, limit: int | None = None
+) -> list[Any]:
+    """:meth:`ReplayLog.aunspool` on the default log."""
+    return await get_default().aunspool(channel, since, raw=raw, limit=limit)
+
+
+async def aunspool_many(
+    cursors: Mapping[str, int | float | str], *, raw: bool = False, limit: int | None = None
+) -> dict[str, list[Any]]:
+    """:meth:`ReplayLog.aunspool_many` on the default log."""
+    return await get_default().aunspool_many(cursors, raw=raw, limit=limit)
+
+
+async def areplay(
+    channel: str,
+    since: int | float | str = 0,
+    *,
+    raw: bool = False,
+    limit: int | None = None,
+    epoch: str | None = None,
+) -> Replay:
+    """:meth:`ReplayLog.areplay` on the default log."""
+    return await get_default().areplay(channel, since, raw=raw, limit=limit, epoch=epoch)
+
+
+async def aprune_replay_logs(expire_ms: int | None = None) -> int:
+    """:meth:`ReplayLog.aprune_replay_logs` on the default log."""
+    return await get_default().aprune_replay_logs(expire_ms)

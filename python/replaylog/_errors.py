@@ -41,3 +41,19 @@ class PermissionDeniedError(RedisRefusedError):
 
 class ConfigurationError(ReplayLogError, ValueError):
     """A setting (URL, expiry, timeout, prefix) is malformed."""
+
+
+class IncompleteReplayError(ReplayLogError):
+    """A subscription could not replay everything after its cursor on ``channel``.
+
+    Messages after ``since`` were removed (pruned, trimmed, expired, flushed) before they could
+    be delivered. Reload the channel's state, then keep iterating: the subscription goes on
+    with the messages that follow.
+    """
+
+    def __init__(self, channel: str, since: int) -> None:
+        super().__init__(
+            f"messages on {channel!r} after {since} are gone; reload the channel's state"
+        )
+        self.channel = channel
+        self.since = since

@@ -42,7 +42,10 @@ def _django_settings() -> Any | None:
     if "django.conf" not in sys.modules:
         return None
     settings = sys.modules["django.conf"].settings
-    return settings if settings.configured else None
+    # With DJANGO_SETTINGS_MODULE set, settings load on first access, not before.
+    if settings.configured or os.environ.get("DJANGO_SETTINGS_MODULE"):
+        return settings
+    return None
 
 
 def lookup(name: str) -> Any:

@@ -4,7 +4,7 @@
 -- ARGV[1]: the exclusive lower bound, e.g. "(1700000000000". ARGV[2]: the cursor as a number.
 -- ARGV[3]: the most messages to return, or -1 for all. ARGV[4]: the epoch the client
 -- last saw, or "" if it has none.
--- Returns {complete (1 or 0), {messages...}, epoch}. The epoch names this log's history:
+-- Returns {complete (1 or 0), {messages...}, epoch, newest timestamp or false}. The epoch names this log's history:
 -- it changes when the bookkeeping is lost (FLUSHALL, a restart without persistence).
 
 local messages
@@ -14,14 +14,15 @@ else
     messages = redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[1], '+inf', 'LIMIT', 0, ARGV[3])
 end
 
+local newest = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')[2] or false
 local since = tonumber(ARGV[2])
-local log_exists = redis.call('EXISTS', KEYS[1]) == 1
+local log_exists = newest ~= false
 local meta = redis.call('HMGET', KEYS[2], 'base', 'floor', 'top', 'fresh')
 local complete
 if not meta[1] then
     -- Nothing is known of this log's past: only "everything" of nothing is complete.
     complete = since <= 0 and not log_exists and ARGV[4] == ''
-    return {complete and 1 or 0, messages, ''}
+    return {complete and 1 or 0, messages, '', newest}
 else
     local floor = tonumber(meta[2])
     local top = tonumber(meta[3])
@@ -35,4 +36,4 @@ else
         and (since >= tonumber(meta[1]) or (since <= 0 and meta[4] == '1'))
         and (ARGV[4] == '' or ARGV[4] == meta[1])
 end
-return {complete and 1 or 0, messages, meta[1]}
+return {complete and 1 or 0, messages, meta[1], newest}

@@ -30,7 +30,9 @@ from django.core import checks  # noqa: E402
 from django.core.management import call_command  # noqa: E402
 from django.core.management.base import SystemCheckError  # noqa: E402
 from django.test import Client, override_settings  # noqa: E402
+from replaylog import _settings as replaylog_settings  # noqa: E402
 from replaylog.django.apps import ReplayLogConfig  # noqa: E402
+from replaylog.django.checks import CHECK_IDS  # noqa: E402
 
 ROOM = "room-1"
 URL = f"/rooms/{ROOM}/messages/"
@@ -239,6 +241,11 @@ def test_checks_pass_on_good_settings() -> None:
         "REPLAYLOG_RESPONSE_TIMEOUT": "10",
         "REPLAYLOG_CHANNEL_PREFIX": "app:mq:",
         "REPLAYLOG_LOG_PREFIX": "app:replay:",
+        "REPLAYLOG_META_PREFIX": "app:meta:",
+        "REPLAYLOG_IDEMPOTENCY_PREFIX": "app:once:",
+        "REPLAYLOG_MAX_LEN": "10000",
+        "REPLAYLOG_CLUSTER_KEYS": "yes",
+        "REPLAYLOG_IDEMPOTENCY_WINDOW_MS": 60_000,
     }
     with override_settings(**good):
         assert replaylog_errors() == []
@@ -279,7 +286,27 @@ MALFORMED = [
     ("REPLAYLOG_CHANNEL_PREFIX", b"mq:", "replaylog.E005"),
     ("REPLAYLOG_CHANNEL_PREFIX", None, "replaylog.E005"),
     ("REPLAYLOG_LOG_PREFIX", 7, "replaylog.E006"),
+    ("REPLAYLOG_META_PREFIX", ["replaymeta:"], "replaylog.E007"),
+    ("REPLAYLOG_IDEMPOTENCY_PREFIX", None, "replaylog.E008"),
+    ("REPLAYLOG_MAX_LEN", -1, "replaylog.E009"),
+    ("REPLAYLOG_MAX_LEN", "lots", "replaylog.E009"),
+    ("REPLAYLOG_CLUSTER_KEYS", "maybe", "replaylog.E010"),
+    ("REPLAYLOG_IDEMPOTENCY_WINDOW_MS", 0, "replaylog.E011"),
 ]
+
+
+def test_every_setting_has_a_check() -> None:
+    # A setting added to replaylog without a check here would go unvalidated by `manage.py check`.
+    assert set(CHECK_IDS) == set(replaylog_settings.SETTINGS)
+    assert len(set(CHECK_IDS.values())) == len(CHECK_IDS)
+    assert {name for name, _, _ in MALFORMED} == set(CHECK_IDS)
+
+
+def test_settings_that_do_not_work_together_are_reported() -> None:
+    with override_settings(REPLAYLOG_LOG_PREFIX="app:", REPLAYLOG_META_PREFIX="app:"):
+        [error] = replaylog_errors()
+    assert (error.id, error.level) == ("replaylog.E012", checks.ERROR)
+    assert "prefix" in error.msg
 
 
 @pytest.mark.parametrize(("name", "value", "check_id"), MALFORMED)

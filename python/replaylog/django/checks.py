@@ -1,21 +1,28 @@
 """Django system checks for the replaylog settings.
 
 They validate the values replaylog would use (Django settings first, then the environment, as
-:class:`replaylog.ReplayLog` resolves them) with the same converters, and the URL also with the
-native module's own parser. They never connect to Redis.
+:class:`replaylog.ReplayLog` resolves them) with replaylog's own converters, then build a
+:class:`~replaylog.ReplayLog` from them, which parses the URL with the native module's parser and
+applies the rules between settings. Building one connects to nothing: the checks never touch Redis.
 
-========================  ==============================================================
-id                        reported when
-========================  ==============================================================
-``replaylog.E001``        ``EXPIRE_REPLAY_LOGS_MS`` is not a positive integer of ms
-``replaylog.E002``        ``REPLAYLOG_URL`` is not a redis://, rediss:// or unix:// URL,
-                          or its host, port or database number is malformed
-``replaylog.E003``        ``REPLAYLOG_CONNECT_TIMEOUT`` is not a number of seconds in (0, 86400)
-``replaylog.E004``        ``REPLAYLOG_RESPONSE_TIMEOUT`` is not a number of seconds in (0, 86400)
-``replaylog.E005``        ``REPLAYLOG_CHANNEL_PREFIX`` is not a string
-``replaylog.E006``        ``REPLAYLOG_LOG_PREFIX`` is not a string
-``replaylog.W001``        ``REPLAYLOG_LOG_PREFIX`` is empty, so a prune would scan every key
-========================  ==============================================================
+==================  =====================================================================
+id                  reported when
+==================  =====================================================================
+``replaylog.E001``  ``EXPIRE_REPLAY_LOGS_MS`` is not a positive integer of milliseconds
+``replaylog.E002``  ``REPLAYLOG_URL`` is not a redis://, rediss:// or unix:// URL, or its
+                    host, port, database or options are malformed
+``replaylog.E003``  ``REPLAYLOG_CONNECT_TIMEOUT`` is not a number of seconds in (0, 86400)
+``replaylog.E004``  ``REPLAYLOG_RESPONSE_TIMEOUT`` is not a number of seconds in (0, 86400)
+``replaylog.E005``  ``REPLAYLOG_CHANNEL_PREFIX`` is not a string
+``replaylog.E006``  ``REPLAYLOG_LOG_PREFIX`` is not a string
+``replaylog.E007``  ``REPLAYLOG_META_PREFIX`` is not a string
+``replaylog.E008``  ``REPLAYLOG_IDEMPOTENCY_PREFIX`` is not a string
+``replaylog.E009``  ``REPLAYLOG_MAX_LEN`` is not 0, None or a positive integer
+``replaylog.E010``  ``REPLAYLOG_CLUSTER_KEYS`` is not a bool
+``replaylog.E011``  ``REPLAYLOG_IDEMPOTENCY_WINDOW_MS`` is not a positive integer of ms
+``replaylog.E012``  each setting is valid but they do not work together (equal prefixes)
+``replaylog.W001``  ``REPLAYLOG_LOG_PREFIX`` is empty, so a prune would scan every key
+==================  =====================================================================
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ __all__ = ["CHECK_IDS", "check_settings"]
 
 
 def _check_url(name: str, value: Any) -> str:
-    """``as_url``, plus the host, port and database number that redis-rs will parse."""
+    """``as_url``, plus clear messages for the host, port and database number."""
     url = _settings.as_url(name, value)
     masked = _settings.mask_url(url)
     parts = urlsplit(url)
@@ -52,19 +59,6 @@ def _check_url(name: str, value: Any) -> str:
             raise ConfigurationError(f"{name} has a malformed database number: {masked!r}")
     elif not parts.path:
         raise ConfigurationError(f"{name} has no socket path: {masked!r}")
-    # Last, the parser the runtime itself uses (redis-rs, in the native module). Building a
-    # ReplayLog connects to nothing; every other setting is given so only the URL is judged.
-    try:
-        ReplayLog(
-            url,
-            expire_ms=1,
-            connect_timeout=1.0,
-            response_timeout=1.0,
-            channel_prefix="mq:",
-            log_prefix="replay:",
-        ).close()
-    except ConfigurationError as exc:
-        raise ConfigurationError(f"{name} is not usable: {exc}") from None
     return url
 
 
@@ -76,9 +70,15 @@ _CONVERTERS: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "REPLAYLOG_RESPONSE_TIMEOUT": ("replaylog.E004", _settings.as_seconds),
     "REPLAYLOG_CHANNEL_PREFIX": ("replaylog.E005", _settings.as_prefix),
     "REPLAYLOG_LOG_PREFIX": ("replaylog.E006", _settings.as_prefix),
+    "REPLAYLOG_META_PREFIX": ("replaylog.E007", _settings.as_prefix),
+    "REPLAYLOG_IDEMPOTENCY_PREFIX": ("replaylog.E008", _settings.as_prefix),
+    "REPLAYLOG_MAX_LEN": ("replaylog.E009", _settings.as_max_len),
+    "REPLAYLOG_CLUSTER_KEYS": ("replaylog.E010", _settings.as_bool),
+    "REPLAYLOG_IDEMPOTENCY_WINDOW_MS": ("replaylog.E011", _settings.as_expire_ms),
 }
+_COMBINATION_ID = "replaylog.E012"
 
-#: Every id these checks can report, by setting (``W001`` is about ``REPLAYLOG_LOG_PREFIX``).
+#: The check id of each setting (E012 and W001 are about combinations and the log prefix).
 CHECK_IDS: dict[str, str] = {name: check_id for name, (check_id, _) in _CONVERTERS.items()}
 
 
@@ -93,6 +93,28 @@ def _source(name: str) -> str:
     return "the default"
 
 
+def _error(message: str, name: str, check_id: str) -> checks.Error:
+    return checks.Error(
+        message,
+        hint=f"Fix {_source(name)}; replaylog cannot be used until it is valid.",
+        obj=name,
+        id=check_id,
+    )
+
+
+def _build_error() -> tuple[str, str] | None:
+    """Build ReplayLogs from the settings (no connection): (setting, message) of what fails."""
+    try:  # every setting but the URL, which is replaced by one known to be good
+        ReplayLog(url=_settings.DEFAULT_URL).close()
+    except ConfigurationError as exc:
+        return "", str(exc)
+    try:  # and now the URL too, parsed as the native module will
+        ReplayLog().close()
+    except ConfigurationError as exc:
+        return "REPLAYLOG_URL", f"REPLAYLOG_URL is not usable: {exc}"
+    return None
+
+
 def check_settings(
     app_configs: Sequence[Any] | None = None, **kwargs: Any
 ) -> list[checks.CheckMessage]:
@@ -102,23 +124,31 @@ def check_settings(
         try:
             value = convert(name, _settings.lookup(name))
         except ConfigurationError as exc:
-            messages.append(
-                checks.Error(
-                    str(exc),
-                    hint=f"Fix {_source(name)}; replaylog cannot be used until it is valid.",
-                    obj=name,
-                    id=check_id,
-                )
-            )
+            messages.append(_error(str(exc), name, check_id))
             continue
         if name == "REPLAYLOG_LOG_PREFIX" and value == "":
             messages.append(
                 checks.Warning(
-                    "REPLAYLOG_LOG_PREFIX is empty, so prune_replay_logs would scan and trim "
-                    "every key in the database.",
+                    "REPLAYLOG_LOG_PREFIX is empty, so prune_replay_logs would scan every key "
+                    "in the database.",
                     hint="Use a prefix such as 'replay:'.",
                     obj=name,
                     id="replaylog.W001",
                 )
             )
+    if not any(m.is_serious() for m in messages):
+        failure = _build_error()
+        if failure is not None:
+            name, message = failure
+            if name:
+                messages.append(_error(message, name, CHECK_IDS[name]))
+            else:
+                messages.append(
+                    checks.Error(
+                        f"The replaylog settings do not work together: {message}",
+                        hint="See the replaylog settings documentation.",
+                        obj="replaylog",
+                        id=_COMBINATION_ID,
+                    )
+                )
     return messages

@@ -1,0 +1,92 @@
+//! asyncio bridging: work runs on the tokio runtime, and its result is handed to the event
+//! loop's thread with `call_soon_threadsafe`, so the loop never blocks on Redis.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::PyList;
+
+use crate::connection::runtime;
+use crate::errors::Failure;
+
+/// Runs `work` on the runtime, then resolves `future` on `event_loop` with `convert`'s
+/// result, or with the failure as an exception.
+pub fn spawn<T, W, C>(event_loop: Bound<'_, PyAny>, future: Bound<'_, PyAny>, work: W, convert: C)
+where
+    T: Send + 'static,
+    W: Future<Output = Result<T, Failure>> + Send + 'static,
+    C: FnOnce(Python<'_>, T) -> PyResult<Py<PyAny>> + Send + 'static,
+{
+    let event_loop = event_loop.unbind();
+    let future = future.unbind();
+    runtime().spawn(async move {
+        let outcome = work.await;
+        with_python(|py| {
+            let result = outcome
+                .map_err(|failure| failure.into_pyerr(py))
+                .and_then(|value| convert(py, value));
+            let (failed, value) = match result {
+                Ok(value) => (false, value),
+                Err(error) => (true, error.into_value(py).into_any()),
+            };
+            // A closed loop has nobody left to tell.
+            let _ = helper(py, "resolve").and_then(|resolve| {
+                event_loop.call_method1(
+                    py,
+                    "call_soon_threadsafe",
+                    (resolve, future, failed, value),
+                )
+            });
+        });
+    });
+}
+
+/// Hands a batch of items to an asyncio queue on its loop.
+pub fn deliver(
+    py: Python<'_>,
+    event_loop: &Py<PyAny>,
+    queue: &Py<PyAny>,
+    items: Bound<'_, PyList>,
+) -> PyResult<()> {
+    let put_all = helper(py, "put_all")?;
+    event_loop.call_method1(py, "call_soon_threadsafe", (put_all, queue, items))?;
+    Ok(())
+}
+
+fn helper<'py>(py: Python<'py>, name: &str) -> PyResult<Bound<'py, PyAny>> {
+    static MODULE: PyOnceLock<Py<PyModule>> = PyOnceLock::new();
+    let module =
+        MODULE.get_or_try_init(py, || PyResult::Ok(py.import("replaylog._aio")?.unbind()))?;
+    module.bind(py).getattr(name)
+}
+
+static SHUTTING_DOWN: AtomicBool = AtomicBool::new(false);
+static ATTACHED: AtomicUsize = AtomicUsize::new(0);
+
+/// Runs `f` with the GIL from a runtime thread, unless the interpreter is shutting down.
+///
+/// A thread that waits for the GIL while the interpreter finalizes is ended by CPython in a
+/// way Rust cannot unwind through, so `shutdown` (run by `atexit`) closes the door first and
+/// waits for those already inside.
+pub fn with_python<R>(f: impl for<'py> FnOnce(Python<'py>) -> R) -> Option<R> {
+    ATTACHED.fetch_add(1, Ordering::SeqCst);
+    let result = if SHUTTING_DOWN.load(Ordering::SeqCst) {
+        None
+    } else {
+        Python::try_attach(f)
+    };
+    ATTACHED.fetch_sub(1, Ordering::SeqCst);
+    result
+}
+
+/// Called without the GIL at interpreter exit.
+pub fn shutdown() {
+    SHUTTING_DOWN.store(true, Ordering::SeqCst);
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while ATTACHED.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}

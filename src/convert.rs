@@ -1,0 +1,120 @@
+//! Python arguments to Rust values, and Redis replies back to Python objects.
+
+use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBool, PyFloat, PyInt, PyList, PyString, PyTuple};
+
+use crate::json;
+use crate::store::Since;
+
+pub fn type_name(obj: &Bound<'_, PyAny>) -> String {
+    obj.get_type()
+        .name()
+        .map(|n| n.to_string())
+        .unwrap_or_else(|_| "?".into())
+}
+
+pub fn channel_str<'a>(channel: &'a Bound<'_, PyAny>) -> PyResult<&'a str> {
+    let channel = channel.cast::<PyString>().map_err(|_| {
+        PyTypeError::new_err(format!("channel must be str, not {}", type_name(channel)))
+    })?;
+    channel.to_str()
+}
+
+pub fn triple<'py>(
+    item: &Bound<'py, PyAny>,
+) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>, Bound<'py, PyAny>)> {
+    let tuple = item.cast::<PyTuple>().map_err(|_| {
+        PyTypeError::new_err(format!(
+            "expected a (channel, event_name, content) tuple, not {}",
+            type_name(item)
+        ))
+    })?;
+    if tuple.len() != 3 {
+        return Err(PyTypeError::new_err(format!(
+            "expected a (channel, event_name, content) tuple, got {} items",
+            tuple.len()
+        )));
+    }
+    Ok((tuple.get_item(0)?, tuple.get_item(1)?, tuple.get_item(2)?))
+}
+
+/// A cursor: an int, a float, or a numeric string, as clients send it.
+pub fn parse_since(since: &Bound<'_, PyAny>) -> PyResult<Since> {
+    if since.is_instance_of::<PyBool>() {
+        return Err(PyTypeError::new_err(
+            "since must be a number or a numeric string, not bool",
+        ));
+    }
+    if let Ok(int) = since.cast::<PyInt>() {
+        return Ok(match int.extract::<i64>() {
+            Ok(value) => Since::Int(value),
+            Err(_) => Since::Float(int.extract::<f64>().unwrap_or(if int.lt(0)? {
+                f64::NEG_INFINITY
+            } else {
+                f64::INFINITY
+            })),
+        });
+    }
+    let value = if let Ok(float) = since.cast::<PyFloat>() {
+        float.value()
+    } else if let Ok(text) = since.cast::<PyString>() {
+        let text = text.to_str()?.trim();
+        if let Ok(value) = text.parse::<i64>() {
+            return Ok(Since::Int(value));
+        }
+        text.parse::<f64>().map_err(|_| {
+            PyValueError::new_err(format!("since must be a numeric string, got {text:?}"))
+        })?
+    } else {
+        return Err(PyTypeError::new_err(format!(
+            "since must be an int, a float or a numeric string, not {}",
+            type_name(since)
+        )));
+    };
+    if value.is_nan() {
+        return Err(PyValueError::new_err("since must not be NaN"));
+    }
+    Ok(Since::Float(value))
+}
+
+pub fn parse_limit(limit: Option<&Bound<'_, PyAny>>) -> PyResult<Option<u64>> {
+    let Some(limit) = limit else { return Ok(None) };
+    if limit.is_none() {
+        return Ok(None);
+    }
+    if limit.is_instance_of::<PyBool>() || !limit.is_instance_of::<PyInt>() {
+        return Err(PyTypeError::new_err(format!(
+            "limit must be an int, not {}",
+            type_name(limit)
+        )));
+    }
+    if limit.lt(0)? {
+        return Err(PyValueError::new_err("limit must be zero or more"));
+    }
+    // Past what Redis counts to, a limit is no limit.
+    Ok(limit.extract::<i64>().ok().map(|n| n as u64))
+}
+
+pub fn messages_to_python(
+    py: Python<'_>,
+    messages: Vec<Vec<u8>>,
+    raw: bool,
+) -> PyResult<Bound<'_, PyList>> {
+    let list = PyList::empty(py);
+    for message in messages {
+        let item = if raw {
+            PyString::new(
+                py,
+                std::str::from_utf8(&message).map_err(|e| {
+                    PyValueError::new_err(format!("a stored message is not UTF-8: {e}"))
+                })?,
+            )
+            .into_any()
+        } else {
+            json::decode(py, &message)?
+        };
+        list.append(item)?;
+    }
+    Ok(list)
+}
