@@ -250,6 +250,11 @@ def chart(results: dict[str, Any], path: Path) -> None:
                 xs.append(index + (offset - 1) * width)
                 ys.append(value * 1e6)
         bars = ax.bar(xs, ys, width, label=name, color=colors[name])
+        for bar, (key, _, _) in zip(
+            bars, [w for w in shown if results["workloads"].get(w[0], {}).get(name)]
+        ):
+            if name == "article" and key == "broadcast_many":
+                bar.set_hatch("//")  # a stand-in: the article has no broadcast_many
         for bar, y in zip(bars, ys):
             label = f"{y:.0f}" if y >= 10 else f"{y:.2g}"
             ax.annotate(
@@ -261,6 +266,22 @@ def chart(results: dict[str, Any], path: Path) -> None:
                 xytext=(0, 2),
                 textcoords="offset points",
             )
+    cpu = results.get("redis_cpu", {})
+    floor_x = [
+        i + width for i, (key, _, _) in enumerate(shown) if cpu.get(key, {}).get("replaylog")
+    ]
+    floor_y = [
+        cpu[key]["replaylog"] * 1e6 for key, _, _ in shown if cpu.get(key, {}).get("replaylog")
+    ]
+    ax.scatter(
+        floor_x,
+        floor_y,
+        marker="_",
+        s=400,
+        color="black",
+        zorder=3,
+        label="Redis CPU per unit (replaylog)",
+    )
     rtt = results.get("floors", {}).get("rtt_p50_us")
     if rtt:
         ax.axhline(

@@ -88,6 +88,7 @@ impl NativeLog {
 
     /// Publishes and stores one message; returns its timestamp.
     #[pyo3(signature = (channel, event_name, content, default=None, idempotency_key=None, *, aio=None))]
+    #[allow(clippy::too_many_arguments)]
     fn broadcast(
         &self,
         py: Python<'_>,
