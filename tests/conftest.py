@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 import redis
+
 import replaylog
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"

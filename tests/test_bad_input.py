@@ -9,8 +9,9 @@ from typing import Any
 
 import pytest
 import redis
-import replaylog
 from conftest import PublishWatcher, last_json_line, redis_now_ms, run_python, snapshot
+
+import replaylog
 
 
 class Widget:

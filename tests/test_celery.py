@@ -21,10 +21,11 @@ from typing import Any
 
 import pytest
 import redis
-import replaylog
-import replaylog.celery
 from celery import Celery
 from celery.beat import Scheduler
+
+import replaylog
+import replaylog.celery
 from replaylog.celery import TASK_NAME
 
 BEAT_ENTRY = "prune-replay-logs"

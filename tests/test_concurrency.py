@@ -7,8 +7,9 @@ import threading
 from typing import Any
 
 import redis
-import replaylog
 from conftest import FAKETIME, SilentServer, last_json_line, redis_now_ms, run_python
+
+import replaylog
 
 
 def test_16_threads_x_500_broadcasts_on_one_channel(rdb: redis.Redis) -> None:

@@ -10,7 +10,6 @@ from collections.abc import Iterator
 from typing import Any, Callable
 
 import pytest
-import replaylog
 from conftest import (
     PublishWatcher,
     RedisServer,
@@ -19,6 +18,8 @@ from conftest import (
     redis_now_ms,
     snapshot,
 )
+
+import replaylog
 
 # Generous upper bounds: they only show that the wait is bounded at all, not how fast it is.
 SLACK = 5.0

@@ -13,10 +13,11 @@ from typing import Any
 
 import pytest
 import redis
-import replaylog
 from conftest import stored_members
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+import replaylog
 from replaylog._native import decode_json, encode_json
 
 

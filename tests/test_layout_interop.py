@@ -8,8 +8,9 @@ import time
 from typing import Any
 
 import redis
-import replaylog
 from conftest import PublishWatcher, redis_now_ms, stored_members
+
+import replaylog
 
 
 def article_broadcast(db: redis.Redis, channel: str, event_name: str, content: Any) -> int:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 
 import redis
-import replaylog
 from conftest import redis_now_ms, stored_members
+
+import replaylog
 
 
 def test_3000_identical_broadcasts_are_all_kept(rdb: redis.Redis) -> None:

@@ -8,8 +8,9 @@ import time
 
 import pytest
 import redis
-import replaylog
 from conftest import FAKETIME, last_json_line, redis_now_ms, run_python, stored_members
+
+import replaylog
 
 HOUR = 3_600_000
 

@@ -12,8 +12,9 @@ from typing import Any
 
 import pytest
 import redis
-import replaylog
 from conftest import RedisServer, last_json_line, run_python
+
+import replaylog
 
 ENV = {
     "REPLAYLOG_URL": "redis://10.1.2.3:7777/5",

@@ -23,13 +23,14 @@ django.setup()
 
 import pytest  # noqa: E402
 import redis  # noqa: E402
-import replaylog  # noqa: E402
 from django.apps import apps  # noqa: E402
 from django.conf import settings  # noqa: E402
 from django.core import checks  # noqa: E402
 from django.core.management import call_command  # noqa: E402
 from django.core.management.base import SystemCheckError  # noqa: E402
 from django.test import Client, override_settings  # noqa: E402
+
+import replaylog  # noqa: E402
 from replaylog import _settings as replaylog_settings  # noqa: E402
 from replaylog.django.apps import ReplayLogConfig  # noqa: E402
 from replaylog.django.checks import CHECK_IDS  # noqa: E402

@@ -1,8 +1,9 @@
 """Chat views: POST broadcasts a message to a room; GET replays what a client missed."""
 
-import replaylog
 from django.http import HttpRequest, JsonResponse
 from django.views.decorators.http import require_http_methods
+
+import replaylog
 
 
 @require_http_methods(["GET", "POST"])
