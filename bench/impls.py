@@ -13,9 +13,10 @@ from typing import Any, Callable
 
 import orjson
 import redis
-import replaylog
 from redis.exceptions import NoScriptError
 from redis.utils import HIREDIS_AVAILABLE
+
+import replaylog
 
 LUA = Path(__file__).resolve().parent.parent / "src" / "lua"
 BROADCAST_LUA = LUA / "broadcast.lua"

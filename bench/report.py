@@ -204,8 +204,25 @@ def console(results: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
+def headline(results: dict[str, Any]) -> str:
+    w = results["workloads"]
+    parts = []
+    for key, label, _ in workloads(results):
+        cells = w.get(key, {})
+        peer = ratio(cells.get("peer"), cells.get("replaylog"))
+        article = ratio(cells.get("article"), cells.get("replaylog"))
+        parts.append(f"{label}: {times(peer)} vs peer, {times(article)} vs article")
+    return (
+        "Headline (peer or article time / replaylog time, from `python3 -m bench`): "
+        + "; ".join(parts)
+        + "."
+    )
+
+
 def markdown(results: dict[str, Any]) -> str:
     parts = [
+        headline(results),
+        "",
         "Time per unit in µs (lower is better); ratios are peer time / replaylog time "
         "(above 1× means replaylog is faster).",
         "",
