@@ -9,7 +9,7 @@ use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::PyList;
 
-use crate::connection::runtime;
+use crate::connection::{runtime, Flavor};
 use crate::errors::Failure;
 
 /// Runs `work` on the runtime, then resolves `future` on `event_loop` with `convert`'s
@@ -22,7 +22,7 @@ where
 {
     let event_loop = event_loop.unbind();
     let future = future.unbind();
-    runtime().spawn(async move {
+    runtime(Flavor::Background).spawn(async move {
         let outcome = work.await;
         with_python(|py| {
             let result = outcome

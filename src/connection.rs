@@ -13,26 +13,47 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Client, IntoConnectionInfo, ProtocolVersion, RedisResult};
 use tokio::runtime::Runtime;
 
+/// Which runtime a call runs on.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Flavor {
+    /// A current-thread runtime that the calling thread drives itself: a blocking call does
+    /// its own socket I/O, with no handoff to another thread. Threads calling at once take
+    /// turns driving it and share (pipeline onto) its connection.
+    Calling,
+    /// One worker thread: asyncio calls and subscriptions, which must progress while no
+    /// Python thread is waiting on them.
+    Background,
+}
+
 struct ProcessRuntime {
     pid: u32,
     runtime: &'static Runtime,
 }
 
-static RUNTIME: Mutex<Option<ProcessRuntime>> = Mutex::new(None);
+static CALLING: Mutex<Option<ProcessRuntime>> = Mutex::new(None);
+static BACKGROUND: Mutex<Option<ProcessRuntime>> = Mutex::new(None);
 
-/// This process's runtime: one worker thread drives every connection's socket.
-pub fn runtime() -> &'static Runtime {
+/// This process's runtime of the given flavor, made on first use.
+pub fn runtime(flavor: Flavor) -> &'static Runtime {
     let pid = std::process::id();
-    let mut slot = RUNTIME
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let slot = match flavor {
+        Flavor::Calling => &CALLING,
+        Flavor::Background => &BACKGROUND,
+    };
+    let mut slot = slot.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     match &*slot {
         Some(current) if current.pid == pid => current.runtime,
         _ => {
+            let mut builder = match flavor {
+                Flavor::Calling => tokio::runtime::Builder::new_current_thread(),
+                Flavor::Background => {
+                    let mut builder = tokio::runtime::Builder::new_multi_thread();
+                    builder.worker_threads(1).thread_name("replaylog-io");
+                    builder
+                }
+            };
             let runtime: &'static Runtime = Box::leak(Box::new(
-                tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(1)
-                    .thread_name("replaylog-io")
+                builder
                     .enable_all()
                     .build()
                     .expect("cannot start the tokio runtime"),
@@ -43,13 +64,12 @@ pub fn runtime() -> &'static Runtime {
     }
 }
 
-/// Called in a forked child (`os.register_at_fork`): forget the parent's runtime now.
+/// Called in a forked child (`os.register_at_fork`): forget the parent's runtimes now.
 pub fn forget_after_fork() {
-    let mut slot = RUNTIME
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    // Leaked on purpose, see the module comment; the runtime itself was never owned here.
-    *slot = None;
+    for slot in [&CALLING, &BACKGROUND] {
+        // Leaked on purpose, see the module comment.
+        *slot.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = None;
+    }
 }
 
 /// Connection settings of one log.
@@ -73,11 +93,13 @@ struct ProcessConnection {
     manager: ConnectionManager,
 }
 
-/// One multiplexed connection per log and process, made lazily and shared by all threads:
-/// concurrent calls are pipelined onto it, and it reconnects by itself after Redis restarts.
+/// One multiplexed connection per log, process and runtime flavor, made lazily and shared
+/// by all threads: concurrent calls are pipelined onto it, and it reconnects by itself
+/// after Redis restarts.
 pub struct Connection {
     settings: Settings,
-    current: Mutex<Option<ProcessConnection>>,
+    calling: Mutex<Option<ProcessConnection>>,
+    background: Mutex<Option<ProcessConnection>>,
 }
 
 impl Connection {
@@ -86,7 +108,8 @@ impl Connection {
         settings.url.as_str().into_connection_info()?;
         Ok(Connection {
             settings,
-            current: Mutex::new(None),
+            calling: Mutex::new(None),
+            background: Mutex::new(None),
         })
     }
 
@@ -94,11 +117,18 @@ impl Connection {
         &self.settings
     }
 
-    /// This process's connection manager; no I/O happens here.
-    pub fn manager(&self) -> RedisResult<ConnectionManager> {
+    fn slot(&self, flavor: Flavor) -> &Mutex<Option<ProcessConnection>> {
+        match flavor {
+            Flavor::Calling => &self.calling,
+            Flavor::Background => &self.background,
+        }
+    }
+
+    /// This process's connection manager on the `flavor` runtime; no I/O happens here.
+    pub fn manager(&self, flavor: Flavor) -> RedisResult<ConnectionManager> {
         let pid = std::process::id();
         let mut current = self
-            .current
+            .slot(flavor)
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Some(connection) = &*current {
@@ -109,7 +139,7 @@ impl Connection {
         if let Some(inherited) = current.take() {
             std::mem::forget(inherited);
         }
-        let manager = self.build_manager()?;
+        let manager = self.build_manager(flavor)?;
         *current = Some(ProcessConnection {
             pid,
             manager: manager.clone(),
@@ -117,7 +147,7 @@ impl Connection {
         Ok(manager)
     }
 
-    fn build_manager(&self) -> RedisResult<ConnectionManager> {
+    fn build_manager(&self, flavor: Flavor) -> RedisResult<ConnectionManager> {
         let info = self.settings.url.as_str().into_connection_info()?;
         // RESP3 lets the manager hear of a disconnect at once and reconnect in the background.
         let redis_settings = info
@@ -131,22 +161,23 @@ impl Connection {
             .set_number_of_retries(1)
             .set_min_delay(Duration::from_millis(20))
             .set_max_delay(Duration::from_millis(500));
-        let _context = runtime().enter();
+        // The manager's tasks live on the runtime that will drive its calls.
+        let _context = runtime(flavor).enter();
         ConnectionManager::new_lazy_with_config(client, config)
     }
 
-    /// Drops this process's connection; the next call makes a new one.
+    /// Drops this process's connections; the next call makes new ones.
     pub fn close(&self) {
         let pid = std::process::id();
-        let mut current = self
-            .current
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(connection) = current.take() {
-            if connection.pid == pid {
-                drop(connection);
-            } else {
-                std::mem::forget(connection);
+        for flavor in [Flavor::Calling, Flavor::Background] {
+            let taken = self
+                .slot(flavor)
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .take();
+            match taken {
+                Some(connection) if connection.pid != pid => std::mem::forget(connection),
+                other => drop(other),
             }
         }
     }

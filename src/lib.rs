@@ -20,7 +20,7 @@ use redis::aio::ConnectionManager;
 use redis::RedisResult;
 use tokio::task::JoinHandle;
 
-use connection::{runtime, Connection, Settings};
+use connection::{runtime, Connection, Flavor, Settings};
 use convert::{channel_str, messages_to_python, parse_limit, parse_since, triple, type_name};
 use errors::{python_error, Failure};
 use json::Encoder;
@@ -312,7 +312,7 @@ impl NativeLog {
         match aio {
             None => {
                 let subscription = py
-                    .detach(|| runtime().block_on(open))
+                    .detach(|| runtime(Flavor::Background).block_on(open))
                     .map_err(|failure: Failure| failure.into_pyerr(py))?;
                 convert(py, subscription)
             }
@@ -383,14 +383,21 @@ impl NativeLog {
         C: FnOnce(Python<'_>, T) -> PyResult<Py<PyAny>> + Send + 'static,
     {
         let store = self.store.clone();
+        let flavor = if aio.is_some() {
+            Flavor::Background
+        } else {
+            Flavor::Calling
+        };
         let work = async move {
             let owner = store.clone();
-            owner.call(what, |manager| operation(store, manager)).await
+            owner
+                .call(flavor, what, |manager| operation(store, manager))
+                .await
         };
         match aio {
             None => {
                 let value = py
-                    .detach(|| runtime().block_on(work))
+                    .detach(|| runtime(flavor).block_on(work))
                     .map_err(|failure: Failure| failure.into_pyerr(py))?;
                 convert(py, value)
             }
@@ -434,7 +441,7 @@ impl NativeSubscription {
             let inner = self.inner.clone();
             // `next` is cancel-safe: a slice that ends first loses nothing.
             let outcome = py.detach(|| {
-                runtime().block_on(async move {
+                runtime(Flavor::Background).block_on(async move {
                     let mut subscription = inner.lock().await;
                     tokio::time::timeout(slice, subscription.next()).await
                 })
@@ -461,7 +468,7 @@ impl NativeSubscription {
         let names = self.names.clone();
         let event_loop = event_loop.unbind();
         let queue = queue.unbind();
-        let task = runtime().spawn(async move {
+        let task = runtime(Flavor::Background).spawn(async move {
             loop {
                 let mut subscription = inner.lock().await;
                 let batch = subscription.next_batch().await;
@@ -509,7 +516,7 @@ impl NativeSubscription {
         }
         // The pump may be waiting for the GIL: release it while the tasks wind down.
         py.detach(|| {
-            runtime().block_on(async {
+            runtime(Flavor::Background).block_on(async {
                 for task in tasks {
                     let _ = task.await;
                 }

@@ -5,7 +5,7 @@ use std::future::Future;
 use redis::aio::ConnectionManager;
 use redis::{Cmd, Pipeline, RedisError, RedisResult, Script, Value};
 
-use crate::connection::Connection;
+use crate::connection::{Connection, Flavor};
 use crate::errors::Failure;
 
 const BROADCAST_LUA: &str = include_str!("lua/broadcast.lua");
@@ -48,14 +48,20 @@ pub struct Layout {
 
 impl Layout {
     fn key(&self, prefix: &str, channel: &str) -> Vec<u8> {
-        let mut key = Vec::with_capacity(prefix.len() + channel.len() + 2);
+        let mut key = Vec::with_capacity(prefix.len() + channel.len() + 3);
         key.extend_from_slice(prefix.as_bytes());
-        if self.cluster_keys {
+        if !self.cluster_keys {
+            key.extend_from_slice(channel.as_bytes());
+        } else if channel.is_empty() || channel.starts_with(['}', '\0']) {
+            // `{}` or `{}...}` would be an empty hash tag, and Redis would hash each whole
+            // key apart. These channels get the fixed tag `{\0}` instead; no tag made by the
+            // rule below starts with \0, so no two channels share keys.
+            key.extend_from_slice(b"{\0}");
+            key.extend_from_slice(channel.as_bytes());
+        } else {
             key.push(b'{');
             key.extend_from_slice(channel.as_bytes());
             key.push(b'}');
-        } else {
-            key.extend_from_slice(channel.as_bytes());
         }
         key
     }
@@ -75,7 +81,8 @@ impl Layout {
         name
     }
 
-    /// The bookkeeping key of a log key that SCAN found.
+    /// The bookkeeping key of a log key that SCAN found: the same channel part, so the
+    /// same hash tag.
     fn meta_of(&self, log_key: &[u8]) -> Vec<u8> {
         let channel_part = &log_key[self.log_prefix.len().min(log_key.len())..];
         [self.meta_prefix.as_bytes(), channel_part].concat()
@@ -164,24 +171,30 @@ impl Store {
         self.connection.close();
     }
 
-    /// Runs one operation on this log's connection, bounded in time.
-    pub async fn call<T, F, Fut>(&self, what: &str, operation: F) -> Result<T, Failure>
+    /// Runs one operation on this log's connection for the runtime `flavor` (the one polling
+    /// this future), bounded in time.
+    pub async fn call<T, F, Fut>(
+        &self,
+        flavor: Flavor,
+        what: &str,
+        operation: F,
+    ) -> Result<T, Failure>
     where
         F: FnOnce(ConnectionManager) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
     {
-        let context = format!("{what} on {}", self.label);
         let manager = self
             .connection
-            .manager()
-            .map_err(|e| Failure::from_redis(&e, &context, self.secret.as_deref()))?;
+            .manager(flavor)
+            .map_err(|e| self.failure(&e, what))?;
         let settings = self.connection.settings();
         let limit = settings.connect_timeout + settings.response_timeout;
         match tokio::time::timeout(limit, operation(manager)).await {
             Ok(Ok(value)) => Ok(value),
-            Ok(Err(e)) => Err(Failure::from_redis(&e, &context, self.secret.as_deref())),
+            Ok(Err(e)) => Err(self.failure(&e, what)),
             Err(_) => Err(Failure::Timeout(format!(
-                "{context}: no answer within {:.3}s",
+                "{what} on {}: no answer within {:.3}s",
+                self.label,
                 limit.as_secs_f64()
             ))),
         }
@@ -408,6 +421,35 @@ mod tests {
     fn glob_characters_are_escaped() {
         assert_eq!(glob_escape("replay:"), "replay:");
         assert_eq!(glob_escape("re[p]lay*?:\\"), "re\\[p\\]lay\\*\\?:\\\\");
+    }
+
+    fn layout(cluster_keys: bool) -> Layout {
+        Layout {
+            channel_prefix: "mq:".into(),
+            log_prefix: "replay:".into(),
+            meta_prefix: "replaymeta:".into(),
+            idempotency_prefix: "replayonce:".into(),
+            cluster_keys,
+        }
+    }
+
+    #[test]
+    fn article_layout_by_default() {
+        let keys = layout(false).channel_keys("room:1");
+        assert_eq!(keys.log, b"replay:room:1");
+        assert_eq!(keys.meta, b"replaymeta:room:1");
+        assert_eq!(keys.pubsub, b"mq:room:1");
+    }
+
+    #[test]
+    fn cluster_keys_always_have_a_non_empty_hash_tag() {
+        let layout = layout(true);
+        assert_eq!(layout.channel_keys("room").log, b"replay:{room}");
+        assert_eq!(layout.channel_keys("").log, b"replay:{\0}");
+        assert_eq!(layout.channel_keys("}x").meta, b"replaymeta:{\0}}x");
+        // A channel that spells out the fixed tag still gets keys of its own.
+        assert_ne!(layout.channel_keys("\0}").log, layout.channel_keys("").log);
+        assert_eq!(layout.meta_of(b"replay:{room}"), b"replaymeta:{room}");
     }
 
     #[test]

@@ -17,7 +17,7 @@ use redis::{Client, IntoConnectionInfo, RedisResult};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use crate::connection::runtime;
+use crate::connection::{runtime, Flavor};
 use crate::errors::Failure;
 use crate::store::{ChannelKeys, Since, Store};
 
@@ -80,7 +80,7 @@ impl Subscription {
         let pubsub_names: Vec<Vec<u8>> = keys.iter().map(|k| k.pubsub.clone()).collect();
         let (sender, events) = mpsc::unbounded_channel();
         let (first, first_result) = oneshot::channel();
-        let listener = runtime().spawn(listen(
+        let listener = runtime(Flavor::Background).spawn(listen(
             client,
             pubsub_names,
             settings.connect_timeout,
@@ -188,7 +188,7 @@ impl Subscription {
             .collect();
         let store = self.store.clone();
         let replays = store
-            .call("subscribe", |manager| {
+            .call(Flavor::Background, "subscribe", |manager| {
                 store.replay(manager, &requests, None, "")
             })
             .await?;

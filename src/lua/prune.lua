@@ -6,12 +6,15 @@
 local removed = 0
 for i = 1, #KEYS, 2 do
     local newest_old = redis.call('ZREVRANGEBYSCORE', KEYS[i], ARGV[1], '-inf',
-        'WITHSCORES', 'LIMIT', 0, 1)
-    if newest_old[2] then
+        'WITHSCORES', 'LIMIT', 0, 1)[2]
+    if newest_old then
         removed = removed + redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', ARGV[1])
-        local floor = tonumber(redis.call('HGET', KEYS[i + 1], 'floor'))
-        if floor and tonumber(newest_old[2]) > floor then
-            redis.call('HSET', KEYS[i + 1], 'floor', newest_old[2])
+        local meta = redis.call('GET', KEYS[i + 1])
+        if meta then
+            local base, floor, rest = string.match(meta, '^(%d+) (%d+) (.*)$')
+            if tonumber(newest_old) > tonumber(floor) then
+                redis.call('SET', KEYS[i + 1], base .. ' ' .. newest_old .. ' ' .. rest, 'KEEPTTL')
+            end
         end
     end
 end
