@@ -137,10 +137,8 @@ def fill_for_prune(admin: redis.Redis, channels: int, per_channel: int) -> int:
         pipe.zadd(f"replay:room-{index}", members)
         # The bookkeeping replaylog's broadcast keeps beside each log.
         newest = max(members.values())
-        pipe.hset(
-            f"replaymeta:room-{index}",
-            mapping={"base": min(members.values()), "floor": 0, "top": newest, "fresh": 1},
-        )
+        # "base floor top fresh", as src/lua/broadcast.lua writes it.
+        pipe.set(f"replaymeta:room-{index}", f"{min(members.values())} 0 {newest} 1")
         if len(pipe) >= 2000:
             pipe.execute()
     pipe.execute()

@@ -101,20 +101,14 @@ pub fn messages_to_python(
     messages: Vec<Vec<u8>>,
     raw: bool,
 ) -> PyResult<Bound<'_, PyList>> {
-    let list = PyList::empty(py);
-    for message in messages {
-        let item = if raw {
-            PyString::new(
-                py,
-                std::str::from_utf8(&message).map_err(|e| {
-                    PyValueError::new_err(format!("a stored message is not UTF-8: {e}"))
-                })?,
-            )
-            .into_any()
+    let mut decoder = json::Decoder::new(py);
+    let items = messages.iter().map(|message| {
+        if raw {
+            json::raw_str(py, message).map(Bound::into_any)
         } else {
-            json::decode(py, &message)?
-        };
-        list.append(item)?;
-    }
-    Ok(list)
+            decoder.decode(message)
+        }
+    });
+    let items: Vec<Bound<'_, PyAny>> = items.collect::<PyResult<_>>()?;
+    PyList::new(py, items)
 }

@@ -182,11 +182,11 @@ fn write_int(out: &mut Vec<u8>, value: &Bound<'_, PyInt>) -> PyResult<()> {
 /// as `json.dumps` writes them.
 fn write_str(out: &mut Vec<u8>, s: &Bound<'_, PyString>) -> PyResult<()> {
     match s.to_str() {
-        Ok(text) => escape_into(out, text.as_bytes()),
+        Ok(text) => escape_into(out, text.as_bytes(), false),
         Err(_) => {
             // "surrogatepass" encodes each surrogate as the 3 bytes ED A0..BF xx.
             let bytes = s.encode_with_surrogatepass()?;
-            escape_into(out, &bytes);
+            escape_into(out, &bytes, true);
         }
     }
     Ok(())
@@ -216,12 +216,21 @@ impl SurrogatePass for Bound<'_, PyString> {
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
 
-fn escape_into(out: &mut Vec<u8>, bytes: &[u8]) {
+/// Writes `bytes` as a JSON string. `passed_surrogates`: the bytes came from "surrogatepass"
+/// and may hold surrogates, which are looked for byte by byte; valid UTF-8 is skimmed
+/// eight bytes at a time.
+fn escape_into(out: &mut Vec<u8>, bytes: &[u8], passed_surrogates: bool) {
     out.reserve(bytes.len() + 2);
     out.push(b'"');
     let mut start = 0;
     let mut i = 0;
     while i < bytes.len() {
+        if !passed_surrogates {
+            i += scan_plain(&bytes[i..]);
+            if i >= bytes.len() {
+                break;
+            }
+        }
         let byte = bytes[i];
         let escape: Option<&[u8]> = match byte {
             b'"' => Some(b"\\\""),
@@ -269,32 +278,101 @@ fn push_unicode_escape(out: &mut Vec<u8>, code: u32) {
 
 /// Parses JSON bytes straight into Python objects.
 pub fn decode<'py>(py: Python<'py>, data: &[u8]) -> PyResult<Bound<'py, PyAny>> {
-    let mut parser = Parser {
-        py,
-        data,
-        pos: 0,
-        depth: 0,
-        scratch: Vec::new(),
-    };
-    parser.skip_whitespace();
-    let value = parser.value()?;
-    parser.skip_whitespace();
-    if parser.pos != data.len() {
-        return Err(parser.error("extra data after the JSON value"));
-    }
-    Ok(value)
+    Decoder::new(py).decode(data)
 }
 
-struct Parser<'py, 'd> {
+/// Parses many JSON documents, sharing buffers and a cache of object keys between them:
+/// the messages of a log repeat the same keys, and a cached key is also pre-hashed.
+pub struct Decoder<'py> {
     py: Python<'py>,
-    data: &'d [u8],
-    pos: usize,
-    depth: usize,
+    keys: KeyCache,
     /// Reused buffer for strings with escapes.
     scratch: Vec<u8>,
 }
 
-impl<'py> Parser<'py, '_> {
+impl<'py> Decoder<'py> {
+    pub fn new(py: Python<'py>) -> Self {
+        Decoder {
+            py,
+            keys: KeyCache::new(),
+            scratch: Vec::new(),
+        }
+    }
+
+    pub fn decode(&mut self, data: &[u8]) -> PyResult<Bound<'py, PyAny>> {
+        let mut parser = Parser {
+            py: self.py,
+            data,
+            pos: 0,
+            depth: 0,
+            scratch: std::mem::take(&mut self.scratch),
+            keys: &mut self.keys,
+        };
+        parser.skip_whitespace();
+        let value = parser.value();
+        parser.skip_whitespace();
+        let trailing = parser.pos != data.len();
+        let error = parser.error("extra data after the JSON value");
+        self.scratch = parser.scratch;
+        let value = value?;
+        if trailing {
+            return Err(error);
+        }
+        Ok(value)
+    }
+}
+
+const KEY_CACHE_SLOTS: usize = 512;
+const CACHED_KEY_MAX: usize = 48;
+
+/// Python strings for short object keys, by their bytes; a slot holds the latest key that
+/// hashed to it.
+struct KeyCache {
+    slots: Vec<Option<CachedKey>>,
+}
+
+/// A key's bytes and its Python string.
+type CachedKey = (Box<[u8]>, Py<PyString>);
+
+impl KeyCache {
+    fn new() -> Self {
+        KeyCache {
+            slots: (0..KEY_CACHE_SLOTS).map(|_| None).collect(),
+        }
+    }
+
+    fn get_or_make<'py>(
+        &mut self,
+        py: Python<'py>,
+        text: &[u8],
+        make: impl FnOnce() -> PyResult<Bound<'py, PyString>>,
+    ) -> PyResult<Bound<'py, PyString>> {
+        // FNV-1a: short keys, no need for more.
+        let hash = text.iter().fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
+            (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3)
+        });
+        let slot = &mut self.slots[(hash as usize) % KEY_CACHE_SLOTS];
+        if let Some((bytes, key)) = slot {
+            if **bytes == *text {
+                return Ok(key.bind(py).clone());
+            }
+        }
+        let key = make()?;
+        *slot = Some((text.into(), key.clone().unbind()));
+        Ok(key)
+    }
+}
+
+struct Parser<'py, 'd, 'k> {
+    py: Python<'py>,
+    data: &'d [u8],
+    pos: usize,
+    depth: usize,
+    scratch: Vec<u8>,
+    keys: &'k mut KeyCache,
+}
+
+impl<'py> Parser<'py, '_, '_> {
     fn error(&self, what: &str) -> PyErr {
         PyValueError::new_err(format!("invalid JSON at byte {}: {what}", self.pos))
     }
@@ -361,7 +439,7 @@ impl<'py> Parser<'py, '_> {
             if self.peek() != Some(b'"') {
                 return Err(self.error("expecting a property name in double quotes"));
             }
-            let key = self.string()?;
+            let key = self.key()?;
             self.skip_whitespace();
             if self.peek() != Some(b':') {
                 return Err(self.error("expecting ':'"));
@@ -380,6 +458,21 @@ impl<'py> Parser<'py, '_> {
                 _ => return Err(self.error("expecting ',' or '}'")),
             }
         }
+    }
+
+    /// An object key: short plain keys come from the cache.
+    fn key(&mut self) -> PyResult<Bound<'py, PyString>> {
+        let start = self.pos + 1;
+        let end = start + scan_plain(&self.data[start..]);
+        if self.data.get(end) == Some(&b'"') && end - start <= CACHED_KEY_MAX {
+            self.pos = end + 1;
+            let text = &self.data[start..end];
+            let py = self.py;
+            return self
+                .keys
+                .get_or_make(py, text, || make_str(py, text, false));
+        }
+        self.string()
     }
 
     fn array(&mut self) -> PyResult<Bound<'py, PyAny>> {
@@ -461,17 +554,15 @@ impl<'py> Parser<'py, '_> {
         self.pos += 1; // the opening quote
         let start = self.pos;
         // Fast path: no escapes, the bytes are the string.
-        while let Some(&byte) = self.data.get(self.pos) {
-            match byte {
-                b'"' => {
-                    let text = &self.data[start..self.pos];
-                    self.pos += 1;
-                    return self.make_str(text, false);
-                }
-                b'\\' => break,
-                0x00..=0x1f => return Err(self.error("control character in a string")),
-                _ => self.pos += 1,
+        self.pos += scan_plain(&self.data[start..]);
+        match self.data.get(self.pos) {
+            Some(b'"') => {
+                let text = &self.data[start..self.pos];
+                self.pos += 1;
+                return make_str(self.py, text, false);
             }
+            Some(0x00..=0x1f) => return Err(self.error("control character in a string")),
+            _ => {}
         }
         let mut text = std::mem::take(&mut self.scratch);
         text.clear();
@@ -506,7 +597,7 @@ impl<'py> Parser<'py, '_> {
                 _ => text.push(byte),
             }
         }
-        let result = self.make_str(&text, lone_surrogate);
+        let result = make_str(self.py, &text, lone_surrogate);
         self.scratch = text;
         result
     }
@@ -550,22 +641,66 @@ impl<'py> Parser<'py, '_> {
         self.pos += 4;
         Ok(code)
     }
+}
 
-    fn make_str(&self, text: &[u8], surrogatepass: bool) -> PyResult<Bound<'py, PyString>> {
-        let errors = if surrogatepass {
-            c"surrogatepass".as_ptr()
-        } else {
-            std::ptr::null()
-        };
-        // SAFETY: pointer and length describe `text`; CPython validates the UTF-8 and
-        // returns a new reference or NULL with an exception set.
-        unsafe {
-            let ptr = ffi::PyUnicode_DecodeUTF8(
-                text.as_ptr().cast(),
-                text.len() as ffi::Py_ssize_t,
-                errors,
-            );
-            Ok(Bound::from_owned_ptr_or_err(self.py, ptr)?.cast_into_unchecked())
+/// How many bytes from the start hold no quote, backslash or control character: the part
+/// of a string that is copied as is. Eight bytes at a time.
+fn scan_plain(bytes: &[u8]) -> usize {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    let has_zero = |word: u64| word.wrapping_sub(ONES) & !word & HIGHS;
+    let mut offset = 0;
+    while let Some(chunk) = bytes.get(offset..offset + 8) {
+        let word = u64::from_le_bytes(chunk.try_into().expect("8 bytes"));
+        let special = has_zero(word ^ (ONES * u64::from(b'"')))
+            | has_zero(word ^ (ONES * u64::from(b'\\')))
+            // Bytes below 0x20; a set high bit (UTF-8) keeps a byte out of it.
+            | (word.wrapping_sub(ONES * 0x20) & !word & HIGHS);
+        if special != 0 {
+            break;
         }
+        offset += 8;
     }
+    offset
+        + bytes[offset..]
+            .iter()
+            .position(|&b| b == b'"' || b == b'\\' || b < 0x20)
+            .unwrap_or(bytes.len() - offset)
+}
+
+/// A Python str from UTF-8 bytes; ASCII is copied straight into a compact string.
+fn make_str<'py>(
+    py: Python<'py>,
+    text: &[u8],
+    surrogatepass: bool,
+) -> PyResult<Bound<'py, PyString>> {
+    // SAFETY: PyUnicode_New returns a new compact ASCII string of `text.len()` bytes (or
+    // NULL with an exception set), which we fill before anyone sees it. PyUnicode_DecodeUTF8
+    // validates its input and returns a new reference or NULL.
+    unsafe {
+        let ptr = if text.is_ascii() {
+            let ptr = ffi::PyUnicode_New(text.len() as ffi::Py_ssize_t, 127);
+            if !ptr.is_null() {
+                std::ptr::copy_nonoverlapping(
+                    text.as_ptr(),
+                    ffi::PyUnicode_DATA(ptr).cast::<u8>(),
+                    text.len(),
+                );
+            }
+            ptr
+        } else {
+            let errors = if surrogatepass {
+                c"surrogatepass".as_ptr()
+            } else {
+                std::ptr::null()
+            };
+            ffi::PyUnicode_DecodeUTF8(text.as_ptr().cast(), text.len() as ffi::Py_ssize_t, errors)
+        };
+        Ok(Bound::from_owned_ptr_or_err(py, ptr)?.cast_into_unchecked())
+    }
+}
+
+/// Python strs from stored messages, for `raw=True`.
+pub fn raw_str<'py>(py: Python<'py>, text: &[u8]) -> PyResult<Bound<'py, PyString>> {
+    make_str(py, text, false)
 }

@@ -96,8 +96,8 @@ pub struct Replayed {
     pub messages: Vec<Vec<u8>>,
     /// Names the log's history; empty when the log has no bookkeeping.
     pub epoch: String,
-    /// The newest entry's timestamp, if the log has any.
-    pub newest: Option<i64>,
+    /// The newest timestamp issued on the channel (stored or removed since), if known.
+    pub latest: Option<i64>,
 }
 
 /// How big and how old logs may grow.
@@ -273,13 +273,13 @@ impl Store {
         replies
             .into_iter()
             .map(|reply| {
-                let (complete, messages, epoch, newest): (i64, Vec<Vec<u8>>, String, Option<f64>) =
+                let (complete, messages, epoch, latest): (i64, Vec<Vec<u8>>, String, Option<f64>) =
                     redis::from_redis_value(reply)?;
                 Ok(Replayed {
                     complete: complete == 1,
                     messages,
                     epoch,
-                    newest: newest.map(|score| score as i64),
+                    latest: latest.map(|score| score as i64),
                 })
             })
             .collect()

@@ -194,7 +194,7 @@ impl Subscription {
             .await?;
         for (channel, replayed) in replays.into_iter().enumerate() {
             let Some(cursor) = self.cursors[channel] else {
-                self.cursors[channel] = Some(replayed.newest.unwrap_or(0));
+                self.cursors[channel] = Some(replayed.latest.unwrap_or(0));
                 continue;
             };
             if !replayed.complete {
@@ -203,7 +203,7 @@ impl Subscription {
                     since: cursor,
                 });
                 // The caller reloads its state as of now; go on from the newest message.
-                self.cursors[channel] = Some(replayed.newest.unwrap_or(cursor).max(cursor));
+                self.cursors[channel] = Some(replayed.latest.unwrap_or(cursor).max(cursor));
                 continue;
             }
             for payload in replayed.messages {

@@ -4,7 +4,8 @@
 -- ARGV[1]: the exclusive lower bound, e.g. "(1700000000000". ARGV[2]: the cursor as a number.
 -- ARGV[3]: the most messages to return, or -1 for all. ARGV[4]: the epoch the client
 -- last saw, or "" if it has none.
--- Returns {complete (1 or 0), {messages...}, epoch, newest timestamp or false}. The epoch
+-- Returns {complete (1 or 0), {messages...}, epoch, latest timestamp or false}: the newest
+-- timestamp issued on the channel, stored or since removed, is where "from now" starts. The epoch
 -- names this log's history: it changes when the bookkeeping is lost (FLUSHALL, a restart
 -- without persistence).
 
@@ -35,4 +36,4 @@ end
 local complete = since >= floor and since <= top
     and (since >= tonumber(base) or (since <= 0 and fresh == '1'))
     and (ARGV[4] == '' or ARGV[4] == base)
-return {complete and 1 or 0, messages, base, newest}
+return {complete and 1 or 0, messages, base, string.format('%d', top)}
