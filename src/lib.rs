@@ -142,12 +142,7 @@ impl NativeLog {
             py,
             "broadcast_many",
             aio,
-            move |store, manager| async move {
-                if messages.is_empty() {
-                    return Ok(Vec::new());
-                }
-                store.broadcast(manager, &messages).await
-            },
+            move |store, manager| async move { store.broadcast(manager, &messages).await },
             |py, timestamps| Ok(timestamps.into_pyobject(py)?.into_any().unbind()),
         )
     }
@@ -206,12 +201,7 @@ impl NativeLog {
             py,
             "unspool_many",
             aio,
-            move |store, manager| async move {
-                if requests.is_empty() {
-                    return Ok(Vec::new());
-                }
-                store.unspool(manager, &requests, limit).await
-            },
+            move |store, manager| async move { store.unspool(manager, &requests, limit).await },
             move |py, logs| {
                 let result = PyDict::new(py);
                 for (channel, messages) in channels.into_iter().zip(logs) {

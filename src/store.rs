@@ -217,6 +217,9 @@ impl Store {
         mut manager: ConnectionManager,
         messages: &[Outgoing],
     ) -> RedisResult<Vec<i64>> {
+        if messages.is_empty() {
+            return Ok(Vec::new());
+        }
         let commands: Vec<Cmd> = messages.iter().map(|m| self.broadcast_command(m)).collect();
         let replies = run_scripts(&mut manager, &self.broadcast_script, &commands).await?;
         replies
@@ -292,6 +295,9 @@ impl Store {
         requests: &[(ChannelKeys, Since)],
         limit: Option<u64>,
     ) -> RedisResult<Vec<Vec<Vec<u8>>>> {
+        if requests.is_empty() {
+            return Ok(Vec::new());
+        }
         let mut pipe = Pipeline::with_capacity(requests.len());
         for (keys, since) in requests {
             let cmd = pipe

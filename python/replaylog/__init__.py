@@ -62,20 +62,6 @@ __all__ = [
 
 Default = Optional[Callable[[Any], Any]]
 
-# Errors read as replaylog.ConnectionError in tracebacks, the name users catch them by.
-for _error in (
-    ConfigurationError,
-    ConnectionError,
-    IncompleteReplayError,
-    OutOfMemoryError,
-    PermissionDeniedError,
-    ReadOnlyError,
-    RedisRefusedError,
-    ReplayLogError,
-    TimeoutError,
-):
-    _error.__module__ = __name__
-
 
 class ReplayLog:
     """A replay log on one Redis server: ``broadcast``, ``unspool`` and ``prune_replay_logs``.

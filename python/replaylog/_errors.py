@@ -57,3 +57,9 @@ class IncompleteReplayError(ReplayLogError):
         )
         self.channel = channel
         self.since = since
+
+
+# They read as replaylog.ConnectionError and so on in tracebacks: the names users catch.
+for _error in list(globals().values()):
+    if isinstance(_error, type) and issubclass(_error, ReplayLogError):
+        _error.__module__ = "replaylog"
