@@ -348,7 +348,6 @@ impl NativeLog {
         encoder.write(event_name.as_any())?;
         encoder.out.extend_from_slice(b",\"content\":");
         encoder.write(content)?;
-        encoder.out.extend_from_slice(b",\"timestamp\":");
         Ok(Outgoing {
             keys: self.store.layout.channel_keys(channel),
             head: encoder.out,

@@ -10,7 +10,6 @@ use crate::errors::Failure;
 
 const BROADCAST_LUA: &str = include_str!("lua/broadcast.lua");
 const REPLAY_LUA: &str = include_str!("lua/replay.lua");
-const PRUNE_LUA: &str = include_str!("lua/prune.lua");
 
 /// Keys SCAN looks at per step: enough to amortize the round trip, few enough that
 /// no step holds Redis for more than a fraction of a millisecond.
@@ -19,7 +18,7 @@ const SCAN_COUNT: usize = 1000;
 /// One message, serialized and ready to send.
 pub struct Outgoing {
     pub keys: ChannelKeys,
-    /// The message JSON up to its timestamp: `{"event_name":..,"content":..,"timestamp":`.
+    /// The message JSON up to the fields the script adds: `{"event_name":..,"content":..`.
     pub head: Vec<u8>,
     /// Set for a publish that may be retried: a repeat within the window is a no-op.
     pub idempotency_key: Option<Vec<u8>>,
@@ -80,13 +79,6 @@ impl Layout {
         name.extend_from_slice(format!(":{}:{key}", channel.len()).as_bytes());
         name
     }
-
-    /// The bookkeeping key of a log key that SCAN found: the same channel part, so the
-    /// same hash tag.
-    fn meta_of(&self, log_key: &[u8]) -> Vec<u8> {
-        let channel_part = &log_key[self.log_prefix.len().min(log_key.len())..];
-        [self.meta_prefix.as_bytes(), channel_part].concat()
-    }
 }
 
 /// One log's replay: its messages after the cursor, and whether nothing in between is lost.
@@ -142,7 +134,6 @@ pub struct Store {
     limits: Limits,
     broadcast_script: Script,
     replay_script: Script,
-    prune_script: Script,
     /// Where the log lives, password masked, for error messages.
     label: String,
     secret: Option<String>,
@@ -157,7 +148,6 @@ impl Store {
             limits,
             broadcast_script: Script::new(BROADCAST_LUA),
             replay_script: Script::new(REPLAY_LUA),
-            prune_script: Script::new(PRUNE_LUA),
             label,
             secret,
         }
@@ -241,7 +231,6 @@ impl Store {
         };
         cmd.arg(&keys.pubsub)
             .arg(&message.head)
-            .arg(b"}")
             .arg(self.limits.expire_ms)
             .arg(self.limits.max_len)
             .arg(self.limits.idempotency_window_ms);
@@ -315,8 +304,8 @@ impl Store {
     /// Trims entries older than `expire_ms`, by the Redis clock, from every log.
     ///
     /// SCAN walks the logs a step at a time (never KEYS, which blocks Redis for the whole
-    /// keyspace); one script run trims a step's logs and notes the loss in their bookkeeping,
-    /// and travels with the SCAN of the next step, one round trip each.
+    /// keyspace); a step's trims travel with the SCAN of the next step, one round trip each.
+    /// Replays tell what was trimmed from the messages' `prev` links: no bookkeeping here.
     pub async fn prune(&self, mut manager: ConnectionManager, expire_ms: i64) -> RedisResult<i64> {
         let (seconds, micros): (i64, i64) = redis::cmd("TIME").query_async(&mut manager).await?;
         let oldest_kept = seconds * 1000 + micros / 1000 - expire_ms;
@@ -325,30 +314,26 @@ impl Store {
         let mut cursor: Option<u64> = Some(0);
         let mut keys: Vec<Vec<u8>> = Vec::new();
         while cursor.is_some() || !keys.is_empty() {
-            let mut commands = Vec::with_capacity(2);
-            if !keys.is_empty() {
-                let mut trim = redis::cmd("EVALSHA");
-                trim.arg(self.prune_script.get_hash()).arg(keys.len() * 2);
-                for key in &keys {
-                    trim.arg(key).arg(self.layout.meta_of(key));
-                }
-                trim.arg(oldest_kept);
-                commands.push(trim);
+            let mut pipe = Pipeline::with_capacity(keys.len() + 1);
+            for key in &keys {
+                pipe.cmd("ZREMRANGEBYSCORE")
+                    .arg(key)
+                    .arg("-inf")
+                    .arg(oldest_kept);
             }
             if let Some(position) = cursor {
-                let mut scan = redis::cmd("SCAN");
-                scan.arg(position)
+                pipe.cmd("SCAN")
+                    .arg(position)
                     .arg("MATCH")
                     .arg(&pattern)
                     .arg("COUNT")
                     .arg(SCAN_COUNT)
                     .arg("TYPE")
                     .arg("zset");
-                commands.push(scan);
             }
-            let mut replies = run_scripts(&mut manager, &self.prune_script, &commands).await?;
+            let mut replies: Vec<Value> = pipe.query_async(&mut manager).await?;
             let scan_reply = cursor.map(|_| replies.pop().expect("one reply per command"));
-            if let Some(trimmed) = replies.pop() {
+            for trimmed in replies {
                 removed += redis::from_redis_value::<i64>(trimmed)?;
             }
             keys.clear();
@@ -455,7 +440,6 @@ mod tests {
         assert_eq!(layout.channel_keys("}x").meta, b"replaymeta:{\0}}x");
         // A channel that spells out the fixed tag still gets keys of its own.
         assert_ne!(layout.channel_keys("\0}").log, layout.channel_keys("").log);
-        assert_eq!(layout.meta_of(b"replay:{room}"), b"replaymeta:{room}");
     }
 
     #[test]

@@ -84,12 +84,18 @@ def test_replay_messages_equal_unspool_and_unspool_stays_a_plain_list(
         listed = replay_log.unspool("plain", since)
         assert type(listed) is list
         assert all(type(m) is dict for m in listed)
-        assert all(set(m) == {"event_name", "content", "timestamp"} for m in listed)
+        # The first message of a history has nothing before it; the others link to it.
+        for message in listed:
+            expected = {"event_name", "content", "timestamp"}
+            if message["timestamp"] != stamps[0]:
+                expected.add("prev")
+            assert set(message) == expected
         assert replay_log.replay("plain", since).messages == listed
     raw = replay_log.replay("plain", 0, raw=True)
     assert [json.loads(m) for m in raw.messages] == replay_log.unspool("plain", 0)
     limited = replay_log.replay("plain", 0, limit=2)
     assert timestamps(limited.messages) == stamps[:2]
+    assert [m.get("prev") for m in replay_log.unspool("plain", 0)] == [None, *stamps[:-1]]
 
 
 def test_module_level_replay_uses_the_default_log(replay_log: replaylog.ReplayLog) -> None:

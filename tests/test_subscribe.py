@@ -106,6 +106,7 @@ def test_replays_missed_messages_then_live_ones(replay_log: replaylog.ReplayLog)
         "channel": "basic",
         "event_name": "e",
         "content": {"i": 2},
+        "prev": before[1],
         "timestamp": before[2],
     }
     assert [m["content"] for m in got] == [{"i": i} for i in range(2, 8)]
