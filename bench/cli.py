@@ -236,7 +236,7 @@ def measure_floors(url: str, admin: redis.Redis, sizes: Sizes) -> dict[str, Any]
     # The arguments replaylog sends (see Peer.broadcast), on one channel.
     head = Peer.head(EVENT_NAME, chat_messages(1)[0]).decode()
     args = ["2", "replay:bench-ceiling", "replaymeta:bench-ceiling", "mq:bench-ceiling", head]
-    args += [str(arg) if isinstance(arg, int) else arg.decode() for arg in Peer.tail_for(EXPIRE_MS)]
+    args += [str(arg) for arg in Peer.tail_for(EXPIRE_MS)]
     ceiling = floors.script_ceiling(url, sha, args, sizes.ceiling_requests)
     admin.delete("replay:bench-ceiling", "replaymeta:bench-ceiling")
     return {

@@ -106,26 +106,20 @@ class Peer:
     def __init__(self, url: str, expire_ms: int) -> None:
         self.db = redis_client(url)
         self.expire_ms = expire_ms
-        self.scripts = {name: (LUA / f"{name}.lua").read_text() for name in ("broadcast", "prune")}
+        self.scripts = {"broadcast": (LUA / "broadcast.lua").read_text()}
         self.sha = {name: self.db.script_load(text) for name, text in self.scripts.items()}
         self.tail = self.tail_for(expire_ms)
 
     @classmethod
     def tail_for(cls, expire_ms: int) -> tuple[Any, ...]:
         """The broadcast script's arguments after the head, the same for every message."""
-        return (b"}", expire_ms, cls.max_len, cls.idempotency_window_ms)
+        return (expire_ms, cls.max_len, cls.idempotency_window_ms)
 
     @staticmethod
     def head(event_name: str, content: Any) -> bytes:
-        """The message JSON up to its timestamp; the script adds the timestamp and "}"."""
+        """The message JSON up to the fields the script adds ("prev", "timestamp", "}")."""
         return b"".join(
-            (
-                b'{"event_name":',
-                orjson.dumps(event_name),
-                b',"content":',
-                orjson.dumps(content),
-                b',"timestamp":',
-            )
+            (b'{"event_name":', orjson.dumps(event_name), b',"content":', orjson.dumps(content))
         )
 
     def _evalsha(self, target: Any, name: str, *args: Any) -> Any:
@@ -205,23 +199,13 @@ class Peer:
         keys: list[bytes] = []
         while cursor is not None or keys:
             pipe = self.db.pipeline(transaction=False)
-            if keys:
-                pairs = []
-                for key in keys:
-                    pairs += (key, b"replaymeta:" + key[len(b"replay:") :])
-                self._evalsha(pipe, "prune", len(pairs), *pairs, oldest_kept)
+            for key in keys:
+                pipe.zremrangebyscore(key, "-inf", oldest_kept)
             if cursor is not None:
                 pipe.scan(cursor, match="replay:*", count=self.scan_count, _type="zset")
-            replies = pipe.execute(raise_on_error=False)
-            if any(isinstance(reply, NoScriptError) for reply in replies):
-                self._reload("prune")
-                continue  # the trims did not run; the SCAN step runs again too
-            for reply in replies:
-                if isinstance(reply, Exception):
-                    raise reply
+            replies = pipe.execute()
             scanned = replies.pop() if cursor is not None else None
-            if keys:
-                removed += replies.pop()
+            removed += sum(replies)
             keys = []
             cursor = None
             if scanned is not None:

@@ -137,8 +137,8 @@ def fill_for_prune(admin: redis.Redis, channels: int, per_channel: int) -> int:
         pipe.zadd(f"replay:room-{index}", members)
         # The bookkeeping replaylog's broadcast keeps beside each log.
         newest = max(members.values())
-        # "base floor top fresh", as src/lua/broadcast.lua writes it.
-        pipe.set(f"replaymeta:room-{index}", f"{min(members.values())} 0 {newest} 1")
+        # "base top fresh", as src/lua/broadcast.lua writes it.
+        pipe.set(f"replaymeta:room-{index}", f"{min(members.values())} {newest} 1")
         if len(pipe) >= 2000:
             pipe.execute()
     pipe.execute()
