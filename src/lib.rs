@@ -519,6 +519,21 @@ impl NativeSubscription {
     }
 }
 
+impl Drop for NativeSubscription {
+    /// A subscription dropped without `close` must not leave its connection behind: a
+    /// dropped task handle would only detach the task.
+    fn drop(&mut self) {
+        for task in self
+            .tasks
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            task.abort();
+        }
+    }
+}
+
 fn delivery_to_python(py: Python<'_>, names: &[String], delivery: Delivery) -> PyResult<Py<PyAny>> {
     match delivery {
         Delivery::Message { channel, payload } => {

@@ -4,6 +4,7 @@ per channel; across ``CLIENT KILL TYPE pubsub``; holes it cannot fill raise
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 from collections.abc import Iterable
@@ -465,3 +466,13 @@ def test_subscribe_to_an_unreachable_redis_fails_with_connection_error(closed_po
     )
     with pytest.raises(replaylog.ConnectionError):
         log.subscribe("nowhere")
+
+
+def test_a_subscription_dropped_without_close_releases_its_connection(
+    replay_log: replaylog.ReplayLog, rdb: redis.Redis
+) -> None:
+    subscription = replay_log.subscribe("dropped")
+    wait_for(lambda: pubsub_clients(rdb), what="a pubsub client")
+    del subscription
+    gc.collect()
+    wait_for(lambda: not pubsub_clients(rdb), what="the pubsub client to go")

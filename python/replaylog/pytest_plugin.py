@@ -36,6 +36,7 @@ import pytest
 if TYPE_CHECKING:
     import replaylog
 
+_pytest_redis_plugin: Any
 try:
     import pytest_redis.plugin as _pytest_redis_plugin
 except ImportError:  # pragma: no cover - exercised only without the extra

@@ -1,6 +1,15 @@
-"""Chat views: POST broadcasts a message to a room; GET replays what a client missed."""
+"""Chat views: POST broadcasts a message to a room; GET replays what a client missed.
 
-from django.http import HttpRequest, JsonResponse
+``messages`` is a sync view; ``async_messages`` and ``stream`` (server-sent events) are async
+views on replaylog's asyncio API, served by uvicorn in tests/test_asgi.py.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.views.decorators.http import require_http_methods
 
 import replaylog
@@ -24,3 +33,65 @@ def messages(request: HttpRequest, room: str) -> JsonResponse:
     except (TypeError, ValueError):
         return JsonResponse({"error": f"since must be a number, got {since!r}"}, status=400)
     return JsonResponse({"messages": missed})
+
+
+# --- async views: the asyncio API in Django async views (under ASGI: uvicorn, AsyncClient) ------
+
+
+@require_http_methods(["GET", "POST"])
+async def async_messages(request: HttpRequest, room: str) -> JsonResponse:
+    if request.method == "POST":
+        text = request.POST.get("text")
+        if not text:
+            return JsonResponse({"error": "text is required"}, status=400)
+        author = request.POST.get("author", "anonymous")
+        timestamp = await replaylog.abroadcast(room, "chat", {"author": author, "text": text})
+        return JsonResponse({"timestamp": timestamp}, status=201)
+    since = request.GET.get("since", "0")
+    try:
+        replay = await replaylog.areplay(room, since, epoch=request.GET.get("epoch"))
+    except replaylog.ReplayLogError:
+        raise
+    except (TypeError, ValueError):
+        return JsonResponse({"error": f"since must be a number, got {since!r}"}, status=400)
+    return JsonResponse(
+        {"messages": replay.messages, "complete": replay.complete, "epoch": replay.epoch}
+    )
+
+
+@require_http_methods(["GET"])
+async def stream(request: HttpRequest, room: str) -> HttpResponse:
+    """Server-sent events: what the client missed after ``?since=``, then live messages.
+
+    ``?n=`` stops the stream after that many messages (0 or absent: never). Right after the
+    subscription is in place, the stream sends the SSE comment ``: subscribed``.
+    """
+    since = request.GET.get("since")
+    try:
+        limit = int(request.GET.get("n", "0"))
+        subscription = replaylog.asubscribe(room, since=since)
+    except replaylog.ReplayLogError:
+        raise
+    except (TypeError, ValueError):
+        return JsonResponse({"error": "since and n must be numbers"}, status=400)
+
+    async def events() -> AsyncIterator[str]:
+        sent = 0
+        async with subscription as sub:
+            yield ": subscribed\n\n"
+            while not sub.closed:
+                try:
+                    async for message in sub:
+                        sent += 1
+                        yield f"id: {message['timestamp']}\ndata: {json.dumps(message)}\n\n"
+                        if sent == limit:
+                            return
+                except replaylog.IncompleteReplayError as exc:
+                    # Messages after the cursor are gone: the client must reload its state.
+                    gone = {"channel": exc.channel, "since": exc.since}
+                    yield f"event: incomplete\ndata: {json.dumps(gone)}\n\n"
+
+    response = StreamingHttpResponse(events(), content_type="text/event-stream")
+    response["Cache-Control"] = "no-cache"
+    response["X-Accel-Buffering"] = "no"
+    return response
