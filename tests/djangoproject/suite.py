@@ -10,9 +10,11 @@ port nothing listens on, so anything that escaped the test server would fail lou
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import os
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -28,7 +30,7 @@ from django.conf import settings  # noqa: E402
 from django.core import checks  # noqa: E402
 from django.core.management import call_command  # noqa: E402
 from django.core.management.base import SystemCheckError  # noqa: E402
-from django.test import Client, override_settings  # noqa: E402
+from django.test import AsyncClient, Client, override_settings  # noqa: E402
 
 import replaylog  # noqa: E402
 from replaylog import _settings as replaylog_settings  # noqa: E402
@@ -217,6 +219,172 @@ def test_fixture_server_survives_an_override_of_another_setting(
         assert replaylog.get_default().response_timeout == 3.0
         assert client.post(URL, {"text": "still here"}).status_code == 201
     assert [m["content"]["text"] for m in replay_log.unspool(ROOM, 0)] == ["still here"]
+
+
+# --- the async views, on replaylog's asyncio API, through Django's AsyncClient (ASGI) ---------
+# pytest-asyncio is not used: each test runs its coroutine with asyncio.run.
+
+ASYNC_URL = f"/async/rooms/{ROOM}/messages/"
+STREAM_URL = f"/rooms/{ROOM}/stream/"
+
+
+def sse_events(chunks: list[bytes]) -> list[dict[str, Any]]:
+    """Server-sent events, as ``{"comment"}``, ``{"event", "data"}`` or ``{"id", "data"}``."""
+    events: list[dict[str, Any]] = []
+    for block in b"".join(chunks).decode().split("\n\n"):
+        if not block:
+            continue
+        fields: dict[str, Any] = {}
+        for line in block.split("\n"):
+            name, _, value = line.partition(": ")
+            fields[name or "comment"] = json.loads(value) if name == "data" else value
+        events.append(fields)
+    return events
+
+
+async def await_no_pubsub(rdb: redis.Redis, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while rdb.client_list(_type="pubsub"):
+        assert time.monotonic() < deadline, f"pubsub still open: {rdb.client_list(_type='pubsub')}"
+        await asyncio.sleep(0.02)
+
+
+def test_async_view_broadcast_is_in_the_replay_log(
+    replay_log: replaylog.ReplayLog, rdb: redis.Redis
+) -> None:
+    async def main() -> list[int]:
+        client = AsyncClient()
+        response = await client.post(ASYNC_URL, {"author": "ann", "text": "hello"})
+        assert response.status_code == 201
+        first = response.json()["timestamp"]
+        # Concurrent requests on one event loop: each gets its own, strictly increasing stamp.
+        responses = await asyncio.gather(
+            *(client.post(ASYNC_URL, {"text": f"m{i}"}) for i in range(50))
+        )
+        assert [r.status_code for r in responses] == [201] * 50
+        return [first, *(r.json()["timestamp"] for r in responses)]
+
+    stamps = asyncio.run(main())
+    assert len(set(stamps)) == 51 and stamps[0] == min(stamps)
+    logged = replay_log.unspool(ROOM, 0)
+    assert [m["timestamp"] for m in logged] == sorted(stamps)
+    assert logged[0] == {
+        "event_name": "chat",
+        "content": {"author": "ann", "text": "hello"},
+        "timestamp": stamps[0],
+    }
+    by_text = {m["content"]["text"]: m["timestamp"] for m in logged}
+    assert [by_text[f"m{i}"] for i in range(50)] == stamps[1:]
+    assert rdb.zcard(f"replay:{ROOM}") == 51
+
+
+def test_async_view_replays_what_a_client_missed(replay_log: replaylog.ReplayLog) -> None:
+    stamps = [replay_log.broadcast(ROOM, "chat", {"text": f"m{i}"}) for i in range(4)]
+
+    async def main() -> None:
+        client = AsyncClient()
+
+        async def get(**params: Any) -> dict[str, Any]:
+            response = await client.get(ASYNC_URL, params)
+            assert response.status_code == 200
+            return response.json()
+
+        body = await get(since=stamps[1])
+        assert [m["content"]["text"] for m in body["messages"]] == ["m2", "m3"]
+        assert body["messages"] == replay_log.unspool(ROOM, stamps[1])
+        assert body["complete"] is True and isinstance(body["epoch"], str)
+        everything = await get()
+        assert everything["messages"] == replay_log.unspool(ROOM, 0)
+        assert everything["complete"] is True and everything["epoch"] == body["epoch"]
+        assert (await get(since=stamps[3]))["messages"] == []
+        # A client whose epoch is not the log's: its history is gone, the replay incomplete.
+        assert (await get(since=stamps[1], epoch="another-history"))["complete"] is False
+        assert (await client.get(ASYNC_URL, {"since": "yesterday"})).status_code == 400
+        assert (await client.post(ASYNC_URL, {"author": "ann"})).status_code == 400
+        assert (await client.put(ASYNC_URL)).status_code == 405
+
+    asyncio.run(main())
+    assert replay_log.unspool(ROOM, stamps[3]) == []  # the rejected POST broadcast nothing
+
+
+def test_async_view_reports_an_incomplete_replay(
+    replay_log: replaylog.ReplayLog, replaylog_url: str
+) -> None:
+    capped = replaylog.ReplayLog(replaylog_url, max_len=2)
+    stamps = [capped.broadcast(ROOM, "chat", {"text": f"m{i}"}) for i in range(5)]
+    capped.close()
+
+    async def main() -> dict[str, Any]:
+        response = await AsyncClient().get(ASYNC_URL, {"since": stamps[0]})
+        assert response.status_code == 200
+        return response.json()
+
+    body = asyncio.run(main())
+    assert body["complete"] is False
+    assert [m["timestamp"] for m in body["messages"]] == stamps[3:]
+
+
+def test_stream_view_sends_missed_then_live_messages(
+    replay_log: replaylog.ReplayLog, rdb: redis.Redis
+) -> None:
+    cursor = replay_log.broadcast(ROOM, "chat", {"text": "seen"})
+    missed = [replay_log.broadcast(ROOM, "chat", {"text": f"missed-{i}"}) for i in range(2)]
+
+    async def main() -> tuple[list[bytes], list[int]]:
+        client = AsyncClient()
+        response = await client.get(STREAM_URL, {"since": cursor, "n": 5})
+        assert response.status_code == 200
+        assert response["Content-Type"] == "text/event-stream"
+        assert response.streaming and response.is_async
+        chunks = response.streaming_content.__aiter__()
+        first = await chunks.__anext__()  # the view subscribes when the stream starts
+        assert first == b": subscribed\n\n"
+        assert len(rdb.client_list(_type="pubsub")) == 1
+        live = []
+        for i in range(3):
+            posted = await client.post(ASYNC_URL, {"text": f"live-{i}"})
+            live.append(posted.json()["timestamp"])
+        rest = [chunk async for chunk in chunks]  # ends by itself after n=5 messages
+        await await_no_pubsub(rdb)  # the stream's end closed the subscription
+        return [first, *rest], live
+
+    chunks, live = asyncio.run(main())
+    events = sse_events(chunks)
+    assert events[0] == {"comment": "subscribed"}
+    messages = [e["data"] for e in events[1:]]
+    assert [e["id"] for e in events[1:]] == [str(m["timestamp"]) for m in messages]
+    assert [m["timestamp"] for m in messages] == missed + live
+    assert [m["content"]["text"] for m in messages] == [
+        "missed-0", "missed-1", "live-0", "live-1", "live-2"
+    ]  # fmt: skip
+    assert messages == [{"channel": ROOM, **m} for m in replay_log.unspool(ROOM, cursor)]
+
+
+def test_stream_view_reports_a_hole_it_cannot_fill(
+    replay_log: replaylog.ReplayLog, replaylog_url: str, rdb: redis.Redis
+) -> None:
+    capped = replaylog.ReplayLog(replaylog_url, max_len=2)
+    before = [capped.broadcast(ROOM, "chat", {"text": f"m{i}"}) for i in range(5)]
+    capped.close()
+
+    async def main() -> tuple[list[bytes], list[int]]:
+        client = AsyncClient()
+        bad = await client.get(STREAM_URL, {"since": "yesterday"})
+        assert bad.status_code == 400
+        response = await client.get(STREAM_URL, {"since": before[0], "n": 2})
+        chunks = response.streaming_content.__aiter__()
+        head = [await chunks.__anext__(), await chunks.__anext__()]
+        after = [await replaylog.abroadcast(ROOM, "chat", {"text": f"a{i}"}) for i in range(2)]
+        rest = [chunk async for chunk in chunks]
+        await await_no_pubsub(rdb)
+        return head + rest, after
+
+    chunks, after = asyncio.run(main())
+    subscribed, gap, *messages = sse_events(chunks)
+    assert subscribed == {"comment": "subscribed"}
+    assert gap == {"event": "incomplete", "data": {"channel": ROOM, "since": before[0]}}
+    # After a hole the client reloads its state; the stream goes on from the newest message.
+    assert [m["data"]["timestamp"] for m in messages] == after
 
 
 # --- the app and its system checks --------------------------------------------------------------
