@@ -64,6 +64,26 @@ pub fn runtime(flavor: Flavor) -> &'static Runtime {
     }
 }
 
+/// Runs `future` to completion on this process's `flavor` runtime, from a thread that is
+/// not a runtime's own. On a runtime thread (Python code run there, e.g. a finalizer that the
+/// garbage collector ran while an asyncio result was converted), a helper thread does it:
+/// tokio refuses to block a runtime thread.
+pub fn block_on<F>(flavor: Flavor, future: F) -> F::Output
+where
+    F: std::future::Future + Send,
+    F::Output: Send,
+{
+    if tokio::runtime::Handle::try_current().is_err() {
+        return runtime(flavor).block_on(future);
+    }
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| runtime(flavor).block_on(future))
+            .join()
+            .expect("the helper thread does not panic")
+    })
+}
+
 /// Called in a forked child (`os.register_at_fork`): forget the parent's runtimes now.
 pub fn forget_after_fork() {
     for slot in [&CALLING, &BACKGROUND] {

@@ -47,13 +47,20 @@ impl Failure {
     }
 
     pub fn into_pyerr(self, py: Python<'_>) -> PyErr {
-        let (class, message) = match self {
-            Failure::Connection(m) => ("ConnectionError", m),
-            Failure::Timeout(m) => ("TimeoutError", m),
-            Failure::Refused { code, message } => (refusal_class(&code), message),
-            Failure::Other(m) => ("ReplayLogError", m),
+        let (class, message, code) = match self {
+            Failure::Connection(m) => ("ConnectionError", m, None),
+            Failure::Timeout(m) => ("TimeoutError", m, None),
+            Failure::Refused { code, message } => (refusal_class(&code), message, Some(code)),
+            Failure::Other(m) => ("ReplayLogError", m, None),
         };
-        python_error(py, class, (message,))
+        let error = python_error(py, class, (message,));
+        if let Some(code) = code {
+            // Redis's own code (e.g. WRONGTYPE), where the class alone says less.
+            if let Err(e) = error.value(py).setattr("code", code) {
+                return e;
+            }
+        }
+        error
     }
 }
 

@@ -4,7 +4,7 @@
 //! to the same value; it refuses NaN and infinities, which browsers' `JSON.parse` rejects.
 //! The decoder accepts what `json.loads` accepts, so logs written by `json.dumps` stay readable.
 
-use pyo3::exceptions::{PyRecursionError, PyTypeError, PyValueError};
+use pyo3::exceptions::{PyRecursionError, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
@@ -96,18 +96,59 @@ impl<'a, 'py> Encoder<'a, 'py> {
         Ok(())
     }
 
+    /// A dict's items. Subclasses are read through their `items()`, as `json.dumps` reads
+    /// them (a subclass may hide or reorder keys). A plain dict is walked in place, and one
+    /// that changes size meanwhile (a `default` may touch it) raises as `json.dumps` does.
     fn write_dict(&mut self, dict: &Bound<'py, PyDict>) -> PyResult<()> {
         self.out.push(b'{');
-        for (index, (key, value)) in dict.iter().enumerate() {
-            if index > 0 {
-                self.out.push(b',');
+        if dict.is_exact_instance_of::<PyDict>() {
+            let size = dict.len();
+            let mut position: ffi::Py_ssize_t = 0;
+            let mut index = 0;
+            loop {
+                let (mut key, mut value) = (std::ptr::null_mut(), std::ptr::null_mut());
+                // SAFETY: a live dict; PyDict_Next bounds-checks `position` against the
+                // dict's current entries, and the borrowed key and value are made owned
+                // before any Python code can run.
+                let (key, value) = unsafe {
+                    if ffi::PyDict_Next(dict.as_ptr(), &mut position, &mut key, &mut value) == 0 {
+                        break;
+                    }
+                    (
+                        Bound::from_borrowed_ptr(dict.py(), key),
+                        Bound::from_borrowed_ptr(dict.py(), value),
+                    )
+                };
+                self.write_item(index, &key, &value)?;
+                if dict.len() != size {
+                    return Err(PyRuntimeError::new_err(
+                        "dictionary changed size during iteration",
+                    ));
+                }
+                index += 1;
             }
-            self.write_key(&key)?;
-            self.out.push(b':');
-            self.write(&value)?;
+        } else {
+            for (index, item) in dict.call_method0("items")?.try_iter()?.enumerate() {
+                let (key, value): (Bound<'py, PyAny>, Bound<'py, PyAny>) = item?.extract()?;
+                self.write_item(index, &key, &value)?;
+            }
         }
         self.out.push(b'}');
         Ok(())
+    }
+
+    fn write_item(
+        &mut self,
+        index: usize,
+        key: &Bound<'py, PyAny>,
+        value: &Bound<'py, PyAny>,
+    ) -> PyResult<()> {
+        if index > 0 {
+            self.out.push(b',');
+        }
+        self.write_key(key)?;
+        self.out.push(b':');
+        self.write(value)
     }
 
     /// Keys become strings the way `json.dumps` makes them.

@@ -11,7 +11,7 @@ mod subscription;
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
@@ -24,8 +24,8 @@ use connection::{runtime, Connection, Flavor, Settings};
 use convert::{channel_str, messages_to_python, parse_limit, parse_since, triple, type_name};
 use errors::{python_error, Failure};
 use json::Encoder;
-use store::{Layout, Limits, Outgoing, Store};
-use subscription::{Delivery, Subscription};
+use store::{Layout, Limits, Outgoing, ReplayRequest, Store};
+use subscription::{Delivery, Next, Subscription};
 
 /// `(loop, future)`: run asynchronously and resolve `future` on `loop` with the result.
 type Aio<'py> = Option<(Bound<'py, PyAny>, Bound<'py, PyAny>)>;
@@ -225,19 +225,17 @@ impl NativeLog {
         epoch: Option<String>,
         aio: Aio<'_>,
     ) -> PyResult<Py<PyAny>> {
-        let request = (
-            self.store.layout.channel_keys(channel_str(channel)?),
-            parse_since(since)?,
-        );
+        let request = ReplayRequest {
+            keys: self.store.layout.channel_keys(channel_str(channel)?),
+            since: parse_since(since)?,
+            epoch: epoch.unwrap_or_default(),
+        };
         let limit = parse_limit(limit)?;
-        let epoch = epoch.unwrap_or_default();
         self.dispatch(
             py,
             "replay",
             aio,
-            move |store, manager| async move {
-                store.replay(manager, &[request], limit, &epoch).await
-            },
+            move |store, manager| async move { store.replay(manager, &[request], limit).await },
             move |py, mut replays| {
                 let replayed = replays.pop().unwrap_or_default();
                 let epoch = (!replayed.epoch.is_empty()).then_some(replayed.epoch);
@@ -294,6 +292,7 @@ impl NativeLog {
                 names: subscription.names.clone(),
                 inner: Arc::new(tokio::sync::Mutex::new(subscription)),
                 tasks: Mutex::new(vec![listener]),
+                pid: std::process::id(),
             })
         };
         let convert = |py: Python<'_>, subscription: NativeSubscription| {
@@ -302,7 +301,7 @@ impl NativeLog {
         match aio {
             None => {
                 let subscription = py
-                    .detach(|| runtime(Flavor::Background).block_on(open))
+                    .detach(|| connection::block_on(Flavor::Background, open))
                     .map_err(|failure: Failure| failure.into_pyerr(py))?;
                 convert(py, subscription)
             }
@@ -386,7 +385,7 @@ impl NativeLog {
         match aio {
             None => {
                 let value = py
-                    .detach(|| runtime(flavor).block_on(work))
+                    .detach(|| connection::block_on(flavor, work))
                     .map_err(|failure: Failure| failure.into_pyerr(py))?;
                 convert(py, value)
             }
@@ -406,10 +405,15 @@ struct NativeSubscription {
     /// The pub/sub task (ending it closes the connection and the stream), and the task
     /// feeding an asyncio queue when iterated asynchronously.
     tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// The process that opened it: a forked child inherits it, but not its tasks' threads.
+    pid: u32,
 }
 
 /// How often a blocked `next` wakes to let Ctrl-C through.
 const SIGNAL_CHECK: Duration = Duration::from_millis(100);
+
+/// Items an asyncio consumer may have waiting before the feeding task pauses.
+const ASYNC_QUEUE_HIGH_WATER: usize = 1_000;
 
 #[pymethods]
 impl NativeSubscription {
@@ -417,41 +421,47 @@ impl NativeSubscription {
     /// Raises `IncompleteReplayError` where a hole could not be filled.
     #[pyo3(signature = (timeout=None))]
     fn next(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Option<Py<PyAny>>> {
+        if self.inherited() {
+            return Ok(None);
+        }
         let deadline = match timeout {
-            Some(seconds) => Some(std::time::Instant::now() + self::seconds_or_zero(seconds)?),
+            Some(seconds) => Some(Instant::now() + seconds_or_zero(seconds)?),
             None => None,
         };
         loop {
             let slice = deadline.map_or(SIGNAL_CHECK, |deadline| {
                 deadline
-                    .saturating_duration_since(std::time::Instant::now())
+                    .saturating_duration_since(Instant::now())
                     .min(SIGNAL_CHECK)
             });
             let inner = self.inner.clone();
-            // `next` is cancel-safe: a slice that ends first loses nothing.
             let outcome = py.detach(|| {
-                runtime(Flavor::Background).block_on(async move {
-                    let mut subscription = inner.lock().await;
-                    tokio::time::timeout(slice, subscription.next()).await
+                connection::block_on(Flavor::Background, async move {
+                    let started = tokio::time::Instant::now();
+                    let Ok(mut subscription) = tokio::time::timeout(slice, inner.lock()).await
+                    else {
+                        return Next::Idle;
+                    };
+                    subscription
+                        .next(Some(slice.saturating_sub(started.elapsed())))
+                        .await
                 })
             });
             match outcome {
-                Ok(delivery) => {
-                    let delivery = delivery.map_err(|failure| failure.into_pyerr(py))?;
-                    return delivery
-                        .map(|delivery| delivery_to_python(py, &self.names, delivery))
-                        .transpose();
+                Next::Delivery(delivery) => {
+                    if let Some(message) = delivery_to_python(py, &self.names, delivery)? {
+                        return Ok(Some(message));
+                    }
                 }
-                Err(_) if deadline.is_some_and(|d| std::time::Instant::now() >= d) => {
-                    return Ok(None)
-                }
-                Err(_) => py.check_signals()?,
+                Next::Closed => return Ok(None),
+                Next::Idle if deadline.is_some_and(|d| Instant::now() >= d) => return Ok(None),
+                Next::Idle => py.check_signals()?,
             }
         }
     }
 
     /// Feeds deliveries to `queue` (an asyncio.Queue) on `loop`, in batches: dicts, exception
-    /// instances for holes and failures, and None at the end.
+    /// instances for holes, and None at the end. It pauses while the consumer lags.
     fn start_pump(&self, event_loop: Bound<'_, PyAny>, queue: Bound<'_, PyAny>) {
         let inner = self.inner.clone();
         let names = self.names.clone();
@@ -459,28 +469,30 @@ impl NativeSubscription {
         let queue = queue.unbind();
         let task = runtime(Flavor::Background).spawn(async move {
             loop {
-                let mut subscription = inner.lock().await;
-                let batch = subscription.next_batch().await;
-                drop(subscription);
-                let finished =
-                    matches!(batch, Ok(ref deliveries) if deliveries.is_empty()) || batch.is_err();
+                loop {
+                    let waiting =
+                        aio::with_python(|py| queue.call_method0(py, "qsize")?.extract(py));
+                    match waiting {
+                        Some(Ok(waiting)) if waiting >= ASYNC_QUEUE_HIGH_WATER => {
+                            tokio::time::sleep(Duration::from_millis(5)).await
+                        }
+                        Some(Ok::<usize, PyErr>(_)) => break,
+                        _ => return,
+                    }
+                }
+                let batch = inner.lock().await.next_batch().await;
+                let finished = batch.is_empty();
                 let delivered = aio::with_python(|py| {
                     let items = PyList::empty(py);
-                    match batch {
-                        Ok(deliveries) if deliveries.is_empty() => items.append(py.None())?,
-                        Ok(deliveries) => {
-                            for delivery in deliveries {
-                                let item = match delivery_to_python(py, &names, delivery) {
-                                    Ok(message) => message,
-                                    Err(error) => error.into_value(py).into_any(),
-                                };
-                                items.append(item)?;
-                            }
+                    for delivery in batch {
+                        match delivery_to_python(py, &names, delivery) {
+                            Ok(Some(message)) => items.append(message)?,
+                            Ok(None) => {}
+                            Err(error) => items.append(error.into_value(py))?,
                         }
-                        Err(failure) => {
-                            items.append(failure.into_pyerr(py).into_value(py))?;
-                            items.append(py.None())?;
-                        }
+                    }
+                    if finished {
+                        items.append(py.None())?;
                     }
                     aio::deliver(py, &event_loop, &queue, items)
                 });
@@ -500,12 +512,17 @@ impl NativeSubscription {
     fn close(&self, py: Python<'_>) {
         let tasks: Vec<JoinHandle<()>> =
             std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        if self.inherited() {
+            // The parent's tasks: its runtime has no threads here to end them.
+            std::mem::forget(tasks);
+            return;
+        }
         for task in &tasks {
             task.abort();
         }
         // The pump may be waiting for the GIL: release it while the tasks wind down.
         py.detach(|| {
-            runtime(Flavor::Background).block_on(async {
+            connection::block_on(Flavor::Background, async {
                 for task in tasks {
                     let _ = task.await;
                 }
@@ -519,28 +536,44 @@ impl NativeSubscription {
     }
 }
 
+impl NativeSubscription {
+    fn inherited(&self) -> bool {
+        self.pid != std::process::id()
+    }
+}
+
 impl Drop for NativeSubscription {
     /// A subscription dropped without `close` must not leave its connection behind: a
     /// dropped task handle would only detach the task.
     fn drop(&mut self) {
-        for task in self
-            .tasks
-            .get_mut()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-        {
+        let tasks = std::mem::take(self.tasks.get_mut().unwrap_or_else(|p| p.into_inner()));
+        if self.inherited() {
+            std::mem::forget(tasks);
+            return;
+        }
+        for task in tasks {
             task.abort();
         }
     }
 }
 
-fn delivery_to_python(py: Python<'_>, names: &[String], delivery: Delivery) -> PyResult<Py<PyAny>> {
+/// A delivery as Python sees it: a message dict, or the exception for a gap. None for a
+/// message on the channel that is not a JSON object (not replaylog's): it is skipped.
+fn delivery_to_python(
+    py: Python<'_>,
+    names: &[String],
+    delivery: Delivery,
+) -> PyResult<Option<Py<PyAny>>> {
     match delivery {
         Delivery::Message { channel, payload } => {
-            let message = json::decode(py, &payload)?;
-            let dict = message.cast::<PyDict>()?;
+            let Ok(message) = json::decode(py, &payload) else {
+                return Ok(None);
+            };
+            let Ok(dict) = message.cast::<PyDict>() else {
+                return Ok(None);
+            };
             dict.set_item("channel", &names[channel])?;
-            Ok(message.unbind())
+            Ok(Some(message.unbind()))
         }
         Delivery::Gap { channel, since } => Err(python_error(
             py,

@@ -31,7 +31,7 @@ pub struct ChannelKeys {
     pub pubsub: Vec<u8>,
     /// The log, a sorted set: `replay:<channel>`.
     pub log: Vec<u8>,
-    /// The log's bookkeeping, a hash: `replaymeta:<channel>`.
+    /// The log's bookkeeping, a string "base top fresh": `replaymeta:<channel>`.
     pub meta: Vec<u8>,
 }
 
@@ -73,12 +73,22 @@ impl Layout {
         }
     }
 
-    /// Scoped by channel; the length keeps `("a:b", "c")` and `("a", "b:c")` apart.
+    /// `<prefix><len(channel)>:<channel>:<key>`: scoped by channel, and the length, ahead of
+    /// the names, keeps any two (channel, key) pairs apart.
     pub fn idempotency_key(&self, channel: &str, key: &str) -> Vec<u8> {
-        let mut name = self.key(&self.idempotency_prefix, channel);
-        name.extend_from_slice(format!(":{}:{key}", channel.len()).as_bytes());
+        let prefix = format!("{}{}:", self.idempotency_prefix, channel.len());
+        let mut name = self.key(&prefix, channel);
+        name.push(b':');
+        name.extend_from_slice(key.as_bytes());
         name
     }
+}
+
+/// A replay to run: the log, the cursor, and the epoch the client last saw ("" if none).
+pub struct ReplayRequest {
+    pub keys: ChannelKeys,
+    pub since: Since,
+    pub epoch: String,
 }
 
 /// One log's replay: its messages after the cursor, and whether nothing in between is lost.
@@ -162,7 +172,9 @@ impl Store {
     }
 
     /// Runs one operation on this log's connection for the runtime `flavor` (the one polling
-    /// this future), bounded in time.
+    /// this future). Every wait inside is bounded: each connection attempt by the connect
+    /// timeout, each request by the response timeout (so a prune of many round trips may
+    /// take as long as the keyspace needs).
     pub async fn call<T, F, Fut>(
         &self,
         flavor: Flavor,
@@ -177,17 +189,7 @@ impl Store {
             .connection
             .manager(flavor)
             .map_err(|e| self.failure(&e, what))?;
-        let settings = self.connection.settings();
-        let limit = settings.connect_timeout + settings.response_timeout;
-        match tokio::time::timeout(limit, operation(manager)).await {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(e)) => Err(self.failure(&e, what)),
-            Err(_) => Err(Failure::Timeout(format!(
-                "{what} on {}: no answer within {:.3}s",
-                self.label,
-                limit.as_secs_f64()
-            ))),
-        }
+        operation(manager).await.map_err(|e| self.failure(&e, what))
     }
 
     /// Classifies an error of this log's own making (the subscription's connection).
@@ -242,13 +244,12 @@ impl Store {
     pub async fn replay(
         &self,
         mut manager: ConnectionManager,
-        requests: &[(ChannelKeys, Since)],
+        requests: &[ReplayRequest],
         limit: Option<u64>,
-        epoch: &str,
     ) -> RedisResult<Vec<Replayed>> {
         let commands: Vec<Cmd> = requests
             .iter()
-            .map(|(keys, since)| {
+            .map(|ReplayRequest { keys, since, epoch }| {
                 let mut cmd = redis::cmd("EVALSHA");
                 cmd.arg(self.replay_script.get_hash())
                     .arg(2)
@@ -298,7 +299,7 @@ impl Store {
                 cmd.arg("LIMIT").arg(0).arg(limit);
             }
         }
-        pipe.query_async(&mut manager).await
+        query(&mut manager, &pipe).await
     }
 
     /// Trims entries older than `expire_ms`, by the Redis clock, from every log.
@@ -307,7 +308,9 @@ impl Store {
     /// keyspace); a step's trims travel with the SCAN of the next step, one round trip each.
     /// Replays tell what was trimmed from the messages' `prev` links: no bookkeeping here.
     pub async fn prune(&self, mut manager: ConnectionManager, expire_ms: i64) -> RedisResult<i64> {
-        let (seconds, micros): (i64, i64) = redis::cmd("TIME").query_async(&mut manager).await?;
+        let mut time = Pipeline::new();
+        time.cmd("TIME");
+        let ((seconds, micros),): ((i64, i64),) = query(&mut manager, &time).await?;
         let oldest_kept = seconds * 1000 + micros / 1000 - expire_ms;
         let pattern = [glob_escape(&self.layout.log_prefix).as_bytes(), b"*"].concat();
         let mut removed = 0;
@@ -331,7 +334,7 @@ impl Store {
                     .arg("TYPE")
                     .arg("zset");
             }
-            let mut replies: Vec<Value> = pipe.query_async(&mut manager).await?;
+            let mut replies: Vec<Value> = query(&mut manager, &pipe).await?;
             let scan_reply = cursor.map(|_| replies.pop().expect("one reply per command"));
             for trimmed in replies {
                 removed += redis::from_redis_value::<i64>(trimmed)?;
@@ -345,6 +348,18 @@ impl Store {
             }
         }
         Ok(removed)
+    }
+}
+
+/// Sends a pipeline. A refused connection sent nothing, so it is tried once more: the first
+/// call after Redis came back would otherwise fail on the connection that died with it.
+async fn query<T: redis::FromRedisValue>(
+    manager: &mut ConnectionManager,
+    pipe: &Pipeline,
+) -> RedisResult<T> {
+    match pipe.query_async(manager).await {
+        Err(e) if e.is_connection_refusal() => pipe.query_async(manager).await,
+        outcome => outcome,
     }
 }
 
@@ -365,7 +380,7 @@ async fn run_scripts(
         for &index in &pending {
             pipe.add_command(commands[index].clone());
         }
-        let answers: Vec<Value> = pipe.query_async(manager).await?;
+        let answers: Vec<Value> = query(manager, &pipe).await?;
         let mut missing_script = false;
         for (index, answer) in pending.into_iter().zip(answers) {
             match answer {

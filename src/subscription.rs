@@ -2,11 +2,15 @@
 //! and no duplicate.
 //!
 //! Order of work: SUBSCRIBE first, buffer what arrives, replay the log from each cursor,
-//! then deliver the buffered and live messages whose timestamp is past the cursor. Every
-//! message is published and stored in one atomic step, so a message is either in the log
-//! the replay reads or arrives on the subscription after it: none falls between. When the
-//! pub/sub connection drops, a background task reconnects and subscribes again, and the
-//! hole is filled from the log the same way.
+//! then deliver the buffered and live messages that follow the cursor. Every message is
+//! published and stored in one atomic step, so a message is either in the log the replay
+//! reads or arrives on the subscription after it: none falls between.
+//!
+//! Each stored message names the one before it (`prev`). A live message that does not follow
+//! the last one delivered means something was missed (the pub/sub connection dropped, this
+//! consumer fell behind, Redis lost its data): the log is read again from the cursor, which
+//! either fills the hole or reports a gap. When the connection drops, a background task
+//! reconnects and subscribes again, and asks for that same catch-up.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -16,17 +20,24 @@ use futures_util::StreamExt;
 use redis::{Client, IntoConnectionInfo, RedisResult};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
 use crate::connection::{runtime, Flavor};
 use crate::errors::Failure;
-use crate::store::{ChannelKeys, Since, Store};
+use crate::store::{ChannelKeys, ReplayRequest, Since, Store};
 
-const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(1);
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(1);
+const FIRST_RETRY_DELAY: Duration = Duration::from_millis(20);
+
+/// Messages buffered between the pub/sub connection and the consumer. When it is full the
+/// connection is not read, Redis buffers, and past its `client-output-buffer-limit pubsub`
+/// it drops the connection: the reconnect then catches up from the log. Memory stays bounded.
+const BUFFERED_MESSAGES: usize = 10_000;
 
 /// What the pub/sub task reports.
 enum Event {
-    /// Subscribed (again): what was published while unsubscribed is only in the log.
-    Subscribed,
+    /// Subscribed (again): what was published meanwhile is only in the log.
+    CatchUp,
     Message {
         channel: usize,
         payload: Vec<u8>,
@@ -46,22 +57,40 @@ pub enum Delivery {
     },
 }
 
+/// The outcome of waiting for the next delivery.
+pub enum Next {
+    Delivery(Delivery),
+    /// Nothing came within the wait.
+    Idle,
+    /// The subscription was closed.
+    Closed,
+}
+
+/// Where a channel stands: the last message delivered, and the epoch of its log.
+#[derive(Clone, Default)]
+struct Position {
+    /// None until the first catch-up: then "from now".
+    cursor: Option<i64>,
+    epoch: String,
+}
+
 pub struct Subscription {
     store: Arc<Store>,
     pub names: Vec<String>,
     keys: Vec<ChannelKeys>,
-    /// The timestamp of the last message delivered per channel; None: start from now.
-    cursors: Vec<Option<i64>>,
-    events: mpsc::UnboundedReceiver<Event>,
+    positions: Vec<Position>,
+    events: mpsc::Receiver<Event>,
     ready: VecDeque<Delivery>,
-    /// Set when a (re)subscription happened and the log has not been read since. It stays
-    /// set if the read is interrupted, so `next` stays safe to cancel.
+    /// Set when the log must be read again. A catch-up is never cut short by a wait, and
+    /// one that fails (Redis unreachable) is tried again, so nothing is lost either way.
     catch_up_pending: bool,
+    retry_delay: Duration,
 }
 
 impl Subscription {
-    /// Subscribes to every channel; returns once Redis confirmed, or fails within the
-    /// connect timeout. Aborting the returned handle closes the pub/sub connection.
+    /// Subscribes to every channel and reads the logs from the cursors; returns once that is
+    /// done, or fails within the connect timeout. Aborting the returned handle closes the
+    /// pub/sub connection.
     pub async fn open(
         store: Arc<Store>,
         channels: Vec<(String, Option<i64>)>,
@@ -78,7 +107,7 @@ impl Subscription {
             .map(|(name, _)| store.layout.channel_keys(name))
             .collect();
         let pubsub_names: Vec<Vec<u8>> = keys.iter().map(|k| k.pubsub.clone()).collect();
-        let (sender, events) = mpsc::unbounded_channel();
+        let (sender, events) = mpsc::channel(BUFFERED_MESSAGES);
         let (first, first_result) = oneshot::channel();
         let listener = runtime(Flavor::Background).spawn(listen(
             client,
@@ -97,18 +126,26 @@ impl Subscription {
             listener.abort();
             return Err(store.failure(&e, "subscribe"));
         }
-        let (names, cursors) = channels.into_iter().unzip();
+        let (names, cursors): (Vec<String>, Vec<Option<i64>>) = channels.into_iter().unzip();
+        let positions = cursors
+            .into_iter()
+            .map(|cursor| Position {
+                cursor,
+                epoch: String::new(),
+            })
+            .collect();
         let mut subscription = Subscription {
             store,
             names,
             keys,
-            cursors,
+            positions,
             events,
             ready: VecDeque::new(),
             catch_up_pending: false,
+            retry_delay: FIRST_RETRY_DELAY,
         };
         // Read the logs now, not at the first `next`: "from now" means from the subscription.
-        if let Some(Event::Subscribed) = subscription.events.recv().await {
+        if let Some(Event::CatchUp) = subscription.events.recv().await {
             if let Err(failure) = subscription.catch_up().await {
                 listener.abort();
                 return Err(failure);
@@ -117,84 +154,121 @@ impl Subscription {
         Ok((subscription, listener))
     }
 
+    /// The next delivery, waiting at most `wait` (None: as long as it takes).
+    pub async fn next(&mut self, wait: Option<Duration>) -> Next {
+        let deadline = wait.map(|wait| Instant::now() + wait);
+        loop {
+            if let Some(delivery) = self.ready.pop_front() {
+                return Next::Delivery(delivery);
+            }
+            if self.catch_up_pending {
+                if self.catch_up().await.is_ok() {
+                    self.retry_delay = FIRST_RETRY_DELAY;
+                    continue;
+                }
+                // Redis is unreachable; the listener is reconnecting too. Try again soon.
+                let pause = Instant::now() + self.retry_delay;
+                self.retry_delay = (self.retry_delay * 2).min(MAX_RETRY_DELAY);
+                match deadline {
+                    Some(deadline) if deadline <= pause => {
+                        tokio::time::sleep_until(deadline).await;
+                        return Next::Idle;
+                    }
+                    _ => tokio::time::sleep_until(pause).await,
+                }
+                continue;
+            }
+            let event = match deadline {
+                None => self.events.recv().await,
+                Some(deadline) => match tokio::time::timeout_at(deadline, self.events.recv()).await
+                {
+                    Ok(event) => event,
+                    Err(_) => return Next::Idle,
+                },
+            };
+            match event {
+                None => return Next::Closed,
+                Some(Event::CatchUp) => self.catch_up_pending = true,
+                Some(Event::Message { channel, payload }) => {
+                    if let Some(delivery) = self.accept(channel, payload) {
+                        return Next::Delivery(delivery);
+                    }
+                }
+            }
+        }
+    }
+
     /// The next delivery and whatever else is ready without waiting; empty once closed.
-    pub async fn next_batch(&mut self) -> Result<Vec<Delivery>, Failure> {
-        let Some(first) = self.next().await? else {
-            return Ok(Vec::new());
+    pub async fn next_batch(&mut self) -> Vec<Delivery> {
+        let Next::Delivery(first) = self.next(None).await else {
+            return Vec::new();
         };
         let mut batch = vec![first];
         batch.extend(self.ready.drain(..));
-        while let Ok(event) = self.events.try_recv() {
-            match event {
-                Event::Subscribed => {
-                    // A catch-up needs a round trip: leave it for the next batch.
-                    self.catch_up_pending = true;
-                    break;
+        while !self.catch_up_pending {
+            match self.events.try_recv() {
+                Ok(Event::CatchUp) => self.catch_up_pending = true,
+                Ok(Event::Message { channel, payload }) => {
+                    batch.extend(self.accept(channel, payload));
                 }
-                Event::Message { channel, payload } => {
-                    if let Some(delivery) = self.accept(channel, payload) {
-                        batch.push(delivery);
-                    }
-                }
+                Err(_) => break,
             }
         }
-        Ok(batch)
+        batch
     }
 
-    /// A live message, unless the replay already delivered it.
+    /// A live message, if it is the one that follows the cursor. One already delivered by a
+    /// replay is dropped; any other means a hole, and the log is read again.
     fn accept(&mut self, channel: usize, payload: Vec<u8>) -> Option<Delivery> {
         // A message without a timestamp is not replaylog's: nothing to order it by.
         let timestamp = message_timestamp(&payload)?;
-        if self.cursors[channel].is_some_and(|cursor| timestamp <= cursor) {
-            return None;
+        let position = &mut self.positions[channel];
+        let Some(cursor) = position.cursor else {
+            position.cursor = Some(timestamp);
+            return Some(Delivery::Message { channel, payload });
+        };
+        let prev = message_prev(&payload);
+        if prev == Some(cursor) {
+            position.cursor = Some(timestamp);
+            return Some(Delivery::Message { channel, payload });
         }
-        self.cursors[channel] = Some(timestamp);
-        Some(Delivery::Message { channel, payload })
-    }
-
-    /// The next message or gap; None once the subscription is closed.
-    pub async fn next(&mut self) -> Result<Option<Delivery>, Failure> {
-        loop {
-            if let Some(delivery) = self.ready.pop_front() {
-                return Ok(Some(delivery));
-            }
-            if self.catch_up_pending {
-                self.catch_up().await?;
-                continue;
-            }
-            match self.events.recv().await {
-                None => return Ok(None),
-                Some(Event::Subscribed) => self.catch_up_pending = true,
-                Some(Event::Message { channel, payload }) => {
-                    if let Some(delivery) = self.accept(channel, payload) {
-                        return Ok(Some(delivery));
-                    }
-                }
-            }
+        // An older message with a link is one a replay already delivered. Anything else
+        // leaves a hole: the catch-up reads this message from the log too (stored first).
+        if timestamp > cursor || prev.is_none() {
+            self.catch_up_pending = true;
         }
+        None
     }
 
     /// Reads each channel's log past its cursor; queues the messages, or a gap.
     async fn catch_up(&mut self) -> Result<(), Failure> {
-        let requests: Vec<(ChannelKeys, Since)> = self
+        let requests: Vec<ReplayRequest> = self
             .keys
             .iter()
-            .zip(&self.cursors)
-            .map(|(keys, cursor)| {
+            .zip(&self.positions)
+            .map(|(keys, position)| ReplayRequest {
+                keys: keys.clone(),
                 // No cursor yet: only the newest timestamp is wanted, as the starting point.
-                let since = cursor.map_or(Since::Float(f64::INFINITY), Since::Int);
-                (keys.clone(), since)
+                since: position
+                    .cursor
+                    .map_or(Since::Float(f64::INFINITY), Since::Int),
+                epoch: position.epoch.clone(),
             })
             .collect();
         let store = self.store.clone();
         let replays = store
             .call(Flavor::Background, "subscribe", |manager| {
-                store.replay(manager, &requests, None, "")
+                store.replay(manager, &requests, None)
             })
             .await?;
+        // Nothing below can fail: the catch-up is done once, wholly.
+        self.catch_up_pending = false;
         for (channel, replayed) in replays.into_iter().enumerate() {
-            let Some(cursor) = self.cursors[channel] else {
-                self.cursors[channel] = Some(replayed.latest.unwrap_or(0));
+            let position = &mut self.positions[channel];
+            let latest = replayed.latest.unwrap_or(0);
+            position.epoch = replayed.epoch;
+            let Some(cursor) = position.cursor else {
+                position.cursor = Some(latest);
                 continue;
             };
             if !replayed.complete {
@@ -202,18 +276,18 @@ impl Subscription {
                     channel,
                     since: cursor,
                 });
-                // The caller reloads its state as of now; go on from the newest message.
-                self.cursors[channel] = Some(replayed.latest.unwrap_or(cursor).max(cursor));
+                // The caller reloads its state as of now: go on from the newest message of
+                // the log as it is (after FLUSHALL that may be below the old cursor).
+                position.cursor = Some(latest);
                 continue;
             }
             for payload in replayed.messages {
                 if let Some(timestamp) = message_timestamp(&payload) {
-                    self.cursors[channel] = Some(timestamp);
+                    position.cursor = Some(timestamp);
                 }
                 self.ready.push_back(Delivery::Message { channel, payload });
             }
         }
-        self.catch_up_pending = false;
         Ok(())
     }
 }
@@ -224,7 +298,7 @@ async fn listen(
     client: Client,
     pubsub_names: Vec<Vec<u8>>,
     connect_timeout: Duration,
-    events: mpsc::UnboundedSender<Event>,
+    events: mpsc::Sender<Event>,
     first: oneshot::Sender<RedisResult<()>>,
 ) {
     let index: HashMap<Vec<u8>, usize> = pubsub_names
@@ -233,7 +307,7 @@ async fn listen(
         .map(|(i, name)| (name.clone(), i))
         .collect();
     let mut first = Some(first);
-    let mut delay = Duration::from_millis(20);
+    let mut delay = FIRST_RETRY_DELAY;
     loop {
         let attempt = tokio::time::timeout(connect_timeout, async {
             let mut pubsub = client.get_async_pubsub().await?;
@@ -255,15 +329,15 @@ async fn listen(
                     return;
                 }
                 tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(MAX_RECONNECT_DELAY);
+                delay = (delay * 2).min(MAX_RETRY_DELAY);
                 continue;
             }
         };
-        delay = Duration::from_millis(20);
+        delay = FIRST_RETRY_DELAY;
         if let Some(first) = first.take() {
             let _ = first.send(Ok(()));
         }
-        if events.send(Event::Subscribed).is_err() {
+        if events.send(Event::CatchUp).await.is_err() {
             return;
         }
         let mut messages = pubsub.on_message();
@@ -272,7 +346,11 @@ async fn listen(
                 continue;
             };
             let payload = message.get_payload_bytes().to_vec();
-            if events.send(Event::Message { channel, payload }).is_err() {
+            if events
+                .send(Event::Message { channel, payload })
+                .await
+                .is_err()
+            {
                 return;
             }
         }
@@ -280,7 +358,8 @@ async fn listen(
     }
 }
 
-/// The `"timestamp":N` that ends a stored message, without parsing the rest.
+/// The `"timestamp":N` that ends a stored message (ours, or the article's `"timestamp": N`),
+/// without parsing the rest.
 pub fn message_timestamp(payload: &[u8]) -> Option<i64> {
     const FIELD: &[u8] = b"\"timestamp\":";
     let start = payload
@@ -296,16 +375,41 @@ pub fn message_timestamp(payload: &[u8]) -> Option<i64> {
     std::str::from_utf8(&digits).ok()?.parse().ok()
 }
 
+/// The `prev` of a message replaylog stored, from its exact tail
+/// `,"prev":P,"timestamp":T}`; None on the first of a history and on others' messages.
+fn message_prev(payload: &[u8]) -> Option<i64> {
+    const TIMESTAMP: &[u8] = b",\"timestamp\":";
+    const PREV: &[u8] = b",\"prev\":";
+    let at = payload
+        .windows(TIMESTAMP.len())
+        .rposition(|window| window == TIMESTAMP)?;
+    let before = &payload[..at];
+    let digits_start = before.iter().rposition(|b| !b.is_ascii_digit())? + 1;
+    if !before[..digits_start].ends_with(PREV) {
+        return None;
+    }
+    std::str::from_utf8(&before[digits_start..])
+        .ok()?
+        .parse()
+        .ok()
+}
+
 #[cfg(test)]
 mod tests {
-    use super::message_timestamp;
+    use super::{message_prev, message_timestamp};
 
     #[test]
     fn timestamp_of_compact_and_article_json() {
-        let ours = br#"{"event_name":"e","content":{"timestamp":1},"timestamp":1700000000123}"#;
+        let ours =
+            br#"{"event_name":"e","content":{"timestamp":1},"prev":17,"timestamp":1700000000123}"#;
         assert_eq!(message_timestamp(ours), Some(1_700_000_000_123));
+        assert_eq!(message_prev(ours), Some(17));
         let article = br#"{"event_name": "e", "content": 5, "timestamp": 1700000000456}"#;
         assert_eq!(message_timestamp(article), Some(1_700_000_000_456));
+        assert_eq!(message_prev(article), None);
         assert_eq!(message_timestamp(b"not json"), None);
+        // A "prev" inside the content is not the message's own.
+        let first = br#"{"event_name":"e","content":{"prev":5},"timestamp":9}"#;
+        assert_eq!(message_prev(first), None);
     }
 }

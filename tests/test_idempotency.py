@@ -20,7 +20,7 @@ def published_on(watcher: PublishWatcher, channel: str) -> list[dict]:
 
 
 def once_key(channel: str, key: str) -> str:
-    return f"replayonce:{channel}:{len(channel)}:{key}"
+    return f"replayonce:{len(channel)}:{channel}:{key}"
 
 
 def test_retry_inside_the_window_is_stored_and_published_once(

@@ -227,7 +227,7 @@ def test_idle_channel_keys_all_expire(
     log = replaylog.ReplayLog(replaylog_url, expire_ms=300, idempotency_window_ms=400)
     log.broadcast("idle", "e", 1)
     log.broadcast("idle", "e", 2, idempotency_key="retry-1")
-    once = f"replayonce:idle:{len('idle')}:retry-1"
+    once = f"replayonce:{len('idle')}:idle:retry-1"
     keys = ("replay:idle", "replaymeta:idle", once)
     assert rdb.exists(*keys) == 3
     assert 0 < rdb.pttl("replay:idle") <= 300

@@ -68,7 +68,9 @@ class ReplayLog:
 
     Settings left as ``None`` come from Django settings, then the environment, then defaults:
     ``REPLAYLOG_URL``, ``EXPIRE_REPLAY_LOGS_MS``, ``REPLAYLOG_CONNECT_TIMEOUT``,
-    ``REPLAYLOG_RESPONSE_TIMEOUT``, ``REPLAYLOG_CHANNEL_PREFIX`` and ``REPLAYLOG_LOG_PREFIX``.
+    ``REPLAYLOG_RESPONSE_TIMEOUT``, ``REPLAYLOG_CHANNEL_PREFIX``, ``REPLAYLOG_LOG_PREFIX``,
+    ``REPLAYLOG_META_PREFIX``, ``REPLAYLOG_IDEMPOTENCY_PREFIX``, ``REPLAYLOG_MAX_LEN``,
+    ``REPLAYLOG_CLUSTER_KEYS`` and ``REPLAYLOG_IDEMPOTENCY_WINDOW_MS`` (see the README).
     ``expire_ms`` left as ``None`` is looked up again at each prune, so a changed setting counts.
     """
 
@@ -352,6 +354,8 @@ class Replay(NamedTuple):
 
 
 _default_log: ReplayLog | None = None
+# What configure() was given: kept when a settings change rebuilds the default log.
+_configured: dict[str, Any] = {}
 _default_lock = threading.Lock()
 
 
@@ -362,18 +366,30 @@ def get_default() -> ReplayLog:
         with _default_lock:
             log = _default_log
             if log is None:
-                log = _install_default(ReplayLog())
+                log = _install_default(ReplayLog(**_configured))
     return log
 
 
 def configure(**settings: Any) -> ReplayLog:
-    """Replace the default :class:`ReplayLog` with one built from ``settings``."""
+    """Replace the default :class:`ReplayLog` with one built from ``settings`` (the arguments
+    of :class:`ReplayLog`); what they leave out still comes from Django settings and the
+    environment, also when those change."""
+    global _configured
     with _default_lock:
-        return _install_default(ReplayLog(**settings))
+        log = _install_default(ReplayLog(**settings))
+        _configured = dict(settings)
+        return log
 
 
 def reset_default() -> None:
-    """Forget the default log; the next module-level call builds it again from settings."""
+    """Forget the default log and what :func:`configure` set; the next module-level call
+    builds it again from settings."""
+    global _configured
+    _configured = {}
+    _drop_default()
+
+
+def _drop_default() -> None:
     global _default_log
     with _default_lock:
         old, _default_log = _default_log, None
@@ -402,7 +418,7 @@ def _watch_django_settings() -> None:
 
     def on_setting_changed(setting: str, **kwargs: Any) -> None:
         if setting in _settings.SETTINGS:
-            reset_default()
+            _drop_default()
 
     setting_changed.connect(on_setting_changed, weak=False, dispatch_uid="replaylog-settings")
     _watching_django = True

@@ -74,6 +74,11 @@ def as_url(name: str, value: Any) -> str:
     return value
 
 
+# Far beyond any real use (about 3 centuries of milliseconds), and small enough that Redis
+# and its Lua scripts handle every derived figure (twice it, as an expiry) exactly.
+MAX_SETTING = 10**13
+
+
 def as_expire_ms(name: str, value: Any) -> int:
     """A positive integer, e.g. of milliseconds; numeric strings are accepted."""
     if isinstance(value, bool):
@@ -91,6 +96,8 @@ def as_expire_ms(name: str, value: Any) -> int:
         raise ConfigurationError(
             f"{name} must be a positive integer of milliseconds, got {value!r}"
         )
+    if value > MAX_SETTING:
+        raise ConfigurationError(f"{name} must be at most {MAX_SETTING}, got {value!r}")
     return value
 
 

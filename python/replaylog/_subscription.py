@@ -16,7 +16,7 @@ def subscription_requests(
     channels: str | Iterable[str], since: Since
 ) -> list[tuple[str, int | None]]:
     """``[(channel, cursor or None)]`` from the forms ``subscribe`` accepts."""
-    names = [channels] if isinstance(channels, str) else list(channels)
+    names = [channels] if isinstance(channels, str) else list(dict.fromkeys(channels))
     if not names:
         raise ValueError("subscribe needs at least one channel")
     for name in names:

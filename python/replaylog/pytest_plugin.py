@@ -142,8 +142,10 @@ def replay_log(replaylog_redis_proc: Any, replaylog_url: str) -> Iterator[replay
             django_override = override_settings(REPLAYLOG_URL=replaylog_url)
             django_override.enable()
         try:
-            log = replaylog.configure(url=replaylog_url)
-            yield log
+            # Built from the settings just pointed at the test server, so that a test's own
+            # override_settings of a replaylog setting (the URL too) still applies.
+            replaylog.reset_default()
+            yield replaylog.get_default()
         finally:
             if django_override is not None:
                 django_override.disable()

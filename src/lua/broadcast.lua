@@ -30,27 +30,25 @@ local meta = redis.call('GET', KEYS[2])
 if meta then
     base, top, fresh = string.match(meta, '^(%d+) (%d+) (%d)$')
     top = tonumber(top)
-else
-    -- No bookkeeping: a new channel, one lost to FLUSHALL or expiry, or a log the
+end
+if not top then
+    -- No (readable) bookkeeping: a new channel, one lost to FLUSHALL or expiry, or a log the
     -- article's code wrote. Entries already there are intact from the newest one on.
-    local newest = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
-    top = tonumber(newest[2])
-    base = newest[2] or string.format('%d', timestamp)
+    local newest = tonumber(redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')[2])
+    top = newest and math.ceil(newest)
+    base = string.format('%d', top or timestamp)
     fresh = top and '0' or '1'
 end
 
 local message
-if meta then
+if top then
     -- Strictly after the newest, so every message has a cursor of its own.
     if top >= timestamp then
         timestamp = top + 1
     end
     message = string.format('%s,"prev":%d,"timestamp":%d}', ARGV[2], top, timestamp)
 else
-    if top and top >= timestamp then
-        timestamp = top + 1
-    end
-    -- The first message of a history this log can vouch for: nothing to chain to.
+    -- The first message of a history: nothing to chain to.
     message = string.format('%s,"timestamp":%d}', ARGV[2], timestamp)
 end
 redis.call('ZADD', KEYS[1], timestamp, message)
@@ -64,8 +62,9 @@ end
 -- Idle channels vanish by themselves; the bookkeeping outlives the log, so a replay after
 -- the log expired can still tell that messages were lost.
 local ttl = tonumber(ARGV[3])
-redis.call('PEXPIRE', KEYS[1], ttl)
-redis.call('SET', KEYS[2], string.format('%s %d %s', base, timestamp, fresh), 'PX', ttl * 2)
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('SET', KEYS[2], string.format('%s %d %s', base, timestamp, fresh),
+    'PX', string.format('%d', ttl * 2))
 if KEYS[3] then
     redis.call('SET', KEYS[3], string.format('%d', timestamp), 'PX', ARGV[5])
 end

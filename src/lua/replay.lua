@@ -30,23 +30,27 @@ if not meta then
 end
 
 local base, top, fresh = string.match(meta, '^(%d+) (%d+) (%d)$')
+if not base then
+    return {0, messages, '', false} -- unreadable bookkeeping: nothing can be vouched for
+end
 local complete
 if since >= tonumber(top) then
     -- Nothing after the cursor was ever issued; a cursor past `top` comes from a history
     -- that was lost.
     complete = since == tonumber(top)
 else
-    local first = messages[1]
-        or redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[1], '+inf', 'LIMIT', 0, 1)[1]
-    if not first then
+    local first = redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[1], '+inf',
+        'WITHSCORES', 'LIMIT', 0, 1)
+    if not first[1] then
         complete = false -- everything after the cursor is gone
     else
-        local prev = string.match(first, ',"prev":(%d+),"timestamp":%d+}$')
+        local prev = string.match(first[1], ',"prev":(%d+),"timestamp":%d+}$')
         if prev then
             complete = since >= tonumber(prev)
         else
-            -- The first message of the log's history, or one the article's code wrote.
-            complete = since >= tonumber(base) or (since <= 0 and fresh == '1')
+            -- No link: the first message of the log's history vouches for "everything" on a
+            -- fresh log; one the article's code wrote vouches for nothing.
+            complete = since <= 0 and fresh == '1' and tonumber(first[2]) == tonumber(base)
         end
     end
 end
