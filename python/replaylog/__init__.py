@@ -216,8 +216,7 @@ class ReplayLog:
         kept the ``epoch`` of its last replay may pass it: a different epoch means the log's
         history was lost and replaced, and the replay is incomplete.
         """
-        if epoch is not None and not isinstance(epoch, str):
-            raise TypeError(f"epoch must be str, not {type(epoch).__name__}")
+        _check_epoch(epoch)
         complete, messages, current_epoch = self._native.replay(channel, since, raw, limit, epoch)
         return Replay(messages, complete, current_epoch)
 
@@ -229,9 +228,7 @@ class ReplayLog:
         limit: int | None = None,
     ) -> dict[str, list[Any]]:
         """:meth:`unspool` for many ``{channel: since}`` at once, in one round trip."""
-        if not isinstance(cursors, Mapping):
-            raise TypeError(f"cursors must be a mapping, got {type(cursors).__name__}")
-        return self._native.unspool_many(list(cursors.items()), raw, limit)
+        return self._native.unspool_many(_cursor_pairs(cursors), raw, limit)
 
     def prune_replay_logs(self, expire_ms: int | None = None) -> int:
         """Trim entries older than ``expire_ms`` (default: the setting) from every log.
@@ -299,9 +296,7 @@ class ReplayLog:
         limit: int | None = None,
     ) -> dict[str, list[Any]]:
         """:meth:`unspool_many` without blocking the event loop."""
-        if not isinstance(cursors, Mapping):
-            raise TypeError(f"cursors must be a mapping, got {type(cursors).__name__}")
-        return await _run_async(self._native.unspool_many, list(cursors.items()), raw, limit)
+        return await _run_async(self._native.unspool_many, _cursor_pairs(cursors), raw, limit)
 
     async def areplay(
         self,
@@ -313,8 +308,7 @@ class ReplayLog:
         epoch: str | None = None,
     ) -> Replay:
         """:meth:`replay` without blocking the event loop."""
-        if epoch is not None and not isinstance(epoch, str):
-            raise TypeError(f"epoch must be str, not {type(epoch).__name__}")
+        _check_epoch(epoch)
         complete, messages, current_epoch = await _run_async(
             self._native.replay, channel, since, raw, limit, epoch
         )
@@ -332,6 +326,17 @@ class ReplayLog:
         if expire_ms is None:
             return self.expire_ms
         return _settings.as_expire_ms("expire_ms", expire_ms)
+
+
+def _cursor_pairs(cursors: Mapping[str, int | float | str]) -> list[tuple[str, Any]]:
+    if not isinstance(cursors, Mapping):
+        raise TypeError(f"cursors must be a mapping, got {type(cursors).__name__}")
+    return list(cursors.items())
+
+
+def _check_epoch(epoch: str | None) -> None:
+    if epoch is not None and not isinstance(epoch, str):
+        raise TypeError(f"epoch must be str, not {type(epoch).__name__}")
 
 
 async def _run_async(method: Callable[..., None], *args: Any) -> Any:
