@@ -6,8 +6,9 @@
 //! dropping would wait on threads that do not exist, and shutting down the inherited socket
 //! would cut the parent's connection.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Client, IntoConnectionInfo, ProtocolVersion, RedisResult};
@@ -120,6 +121,9 @@ pub struct Connection {
     settings: Settings,
     calling: Mutex<Option<ProcessConnection>>,
     background: Mutex<Option<ProcessConnection>>,
+    created: Instant,
+    /// When the calling-flavor connection last answered, in ms after `created`.
+    calling_answered: AtomicU64,
 }
 
 impl Connection {
@@ -130,6 +134,8 @@ impl Connection {
             settings,
             calling: Mutex::new(None),
             background: Mutex::new(None),
+            created: Instant::now(),
+            calling_answered: AtomicU64::new(0),
         })
     }
 
@@ -184,6 +190,24 @@ impl Connection {
         // The manager's tasks live on the runtime that will drive its calls.
         let _context = runtime(flavor).enter();
         ConnectionManager::new_lazy_with_config(client, config)
+    }
+
+    /// Whether the `flavor` connection may have died unnoticed: a calling-flavor connection
+    /// is only driven while a call runs, so a Redis restart between calls goes unseen until
+    /// a request fails on it. One idle this long (no busy caller waits that long) is checked
+    /// first, at the price of a round trip.
+    pub fn needs_check(&self, flavor: Flavor) -> bool {
+        const IDLE: u64 = 100;
+        let now = self.created.elapsed().as_millis() as u64;
+        flavor == Flavor::Calling
+            && now.saturating_sub(self.calling_answered.load(Ordering::Relaxed)) > IDLE
+    }
+
+    pub fn answered(&self, flavor: Flavor) {
+        if flavor == Flavor::Calling {
+            let now = self.created.elapsed().as_millis() as u64;
+            self.calling_answered.store(now, Ordering::Relaxed);
+        }
     }
 
     /// Drops this process's connections; the next call makes new ones.

@@ -97,11 +97,13 @@ impl<'a, 'py> Encoder<'a, 'py> {
     }
 
     /// A dict's items. Subclasses are read through their `items()`, as `json.dumps` reads
-    /// them (a subclass may hide or reorder keys). A plain dict is walked in place, and one
-    /// that changes size meanwhile (a `default` may touch it) raises as `json.dumps` does.
+    /// them (a subclass may hide or reorder keys). With a `default`, which may change the
+    /// dict while it is written, a plain dict is read from a snapshot of its items, as
+    /// `json.dumps` does; without one it is walked in place, and a change of size (only a
+    /// subclass's `items()` could make one) raises as iterating a changing dict does.
     fn write_dict(&mut self, dict: &Bound<'py, PyDict>) -> PyResult<()> {
         self.out.push(b'{');
-        if dict.is_exact_instance_of::<PyDict>() {
+        if dict.is_exact_instance_of::<PyDict>() && self.default.is_none() {
             let size = dict.len();
             let mut position: ffi::Py_ssize_t = 0;
             let mut index = 0;
@@ -126,6 +128,11 @@ impl<'a, 'py> Encoder<'a, 'py> {
                     ));
                 }
                 index += 1;
+            }
+        } else if dict.is_exact_instance_of::<PyDict>() {
+            for (index, item) in dict.items().iter().enumerate() {
+                let (key, value): (Bound<'py, PyAny>, Bound<'py, PyAny>) = item.extract()?;
+                self.write_item(index, &key, &value)?;
             }
         } else {
             for (index, item) in dict.call_method0("items")?.try_iter()?.enumerate() {

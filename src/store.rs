@@ -185,11 +185,22 @@ impl Store {
         F: FnOnce(ConnectionManager) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
     {
-        let manager = self
+        let mut manager = self
             .connection
             .manager(flavor)
             .map_err(|e| self.failure(&e, what))?;
-        operation(manager).await.map_err(|e| self.failure(&e, what))
+        if self.connection.needs_check(flavor) {
+            // A PING that fails on a dead connection makes the manager connect afresh, so the
+            // request itself goes out on a live one: not lost, and never sent twice.
+            let mut ping = Pipeline::new();
+            ping.cmd("PING");
+            let _ = query::<Value>(&mut manager, &ping).await;
+        }
+        let outcome = operation(manager).await;
+        if outcome.is_ok() {
+            self.connection.answered(flavor);
+        }
+        outcome.map_err(|e| self.failure(&e, what))
     }
 
     /// Classifies an error of this log's own making (the subscription's connection).

@@ -29,9 +29,10 @@ use crate::store::{ChannelKeys, ReplayRequest, Since, Store};
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(1);
 const FIRST_RETRY_DELAY: Duration = Duration::from_millis(20);
 
-/// Messages buffered between the pub/sub connection and the consumer. When it is full the
-/// connection is not read, Redis buffers, and past its `client-output-buffer-limit pubsub`
-/// it drops the connection: the reconnect then catches up from the log. Memory stays bounded.
+/// Messages buffered between the pub/sub connection and a consumer that lags. When it is
+/// full the connection is closed (redis-rs would otherwise keep reading into a queue of its
+/// own, without bound); once the consumer has drained half, the subscription is made again
+/// and the log fills the hole, as after any disconnect. Memory stays bounded.
 const BUFFERED_MESSAGES: usize = 10_000;
 
 /// What the pub/sub task reports.
@@ -340,58 +341,64 @@ async fn listen(
         if events.send(Event::CatchUp).await.is_err() {
             return;
         }
+        let mut overflowed = false;
         let mut messages = pubsub.on_message();
         while let Some(message) = messages.next().await {
             let Some(&channel) = index.get(message.get_channel_name().as_bytes()) else {
                 continue;
             };
             let payload = message.get_payload_bytes().to_vec();
-            if events
-                .send(Event::Message { channel, payload })
-                .await
-                .is_err()
-            {
-                return;
+            match events.try_send(Event::Message { channel, payload }) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    overflowed = true;
+                    break;
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => return,
             }
         }
-        // The stream ended: the connection dropped. Subscribe again, then catch up.
+        // The connection dropped, or the consumer lags: close it, subscribe again (once the
+        // consumer has room), then catch up.
+        drop(messages);
+        drop(pubsub);
+        while overflowed && events.capacity() < BUFFERED_MESSAGES / 2 {
+            if events.is_closed() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 }
 
-/// The `"timestamp":N` that ends a stored message (ours, or the article's `"timestamp": N`),
-/// without parsing the rest.
+/// The timestamp that ends a stored message, read from its last bytes without parsing the
+/// rest: `,"timestamp":T}` (ours) or `"timestamp": T}` (the article's). Anything else, such as
+/// a foreign payload on the channel, has none.
 pub fn message_timestamp(payload: &[u8]) -> Option<i64> {
-    const FIELD: &[u8] = b"\"timestamp\":";
-    let start = payload
-        .windows(FIELD.len())
-        .rposition(|window| window == FIELD)?
-        + FIELD.len();
-    let digits: Vec<u8> = payload[start..]
-        .iter()
-        .copied()
-        .skip_while(|b| *b == b' ')
-        .take_while(|b| b.is_ascii_digit() || *b == b'-')
-        .collect();
-    std::str::from_utf8(&digits).ok()?.parse().ok()
-}
-
-/// The `prev` of a message replaylog stored, from its exact tail
-/// `,"prev":P,"timestamp":T}`; None on the first of a history and on others' messages.
-fn message_prev(payload: &[u8]) -> Option<i64> {
-    const TIMESTAMP: &[u8] = b",\"timestamp\":";
-    const PREV: &[u8] = b",\"prev\":";
-    let at = payload
-        .windows(TIMESTAMP.len())
-        .rposition(|window| window == TIMESTAMP)?;
-    let before = &payload[..at];
-    let digits_start = before.iter().rposition(|b| !b.is_ascii_digit())? + 1;
-    if !before[..digits_start].ends_with(PREV) {
+    let (before, timestamp) = trailing_digits(payload.strip_suffix(b"}")?)?;
+    let before = before.strip_suffix(b" ").unwrap_or(before);
+    if !payload.starts_with(b"{") || !before.ends_with(b"\"timestamp\":") {
         return None;
     }
-    std::str::from_utf8(&before[digits_start..])
-        .ok()?
-        .parse()
-        .ok()
+    Some(timestamp)
+}
+
+/// The `prev` of a message replaylog stored, from its exact tail `,"prev":P,"timestamp":T}`;
+/// None on the first of a history and on others' messages.
+fn message_prev(payload: &[u8]) -> Option<i64> {
+    message_timestamp(payload)?;
+    let (before, _) = trailing_digits(payload.strip_suffix(b"}")?)?;
+    let (before, prev) = trailing_digits(before.strip_suffix(b",\"timestamp\":")?)?;
+    before.ends_with(b",\"prev\":").then_some(prev)
+}
+
+/// Splits the decimal number that ends `bytes` off it.
+fn trailing_digits(bytes: &[u8]) -> Option<(&[u8], i64)> {
+    let start = bytes
+        .iter()
+        .rposition(|b| !b.is_ascii_digit())
+        .map_or(0, |i| i + 1);
+    let number = std::str::from_utf8(&bytes[start..]).ok()?.parse().ok()?;
+    Some((&bytes[..start], number))
 }
 
 #[cfg(test)]
@@ -411,5 +418,9 @@ mod tests {
         // A "prev" inside the content is not the message's own.
         let first = br#"{"event_name":"e","content":{"prev":5},"timestamp":9}"#;
         assert_eq!(message_prev(first), None);
+        // Neither is a payload that only looks like a message.
+        let array = br#"[{"prev":1,"timestamp":2}]"#;
+        assert_eq!(message_timestamp(array), None);
+        assert_eq!(message_prev(array), None);
     }
 }
