@@ -9,19 +9,22 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
-from conftest import REDIS_SERVER, free_port
+from conftest import RedisServer
 
 import replaylog
 
 OPENSSL = shutil.which("openssl") or "/usr/bin/openssl"
 
 
-class TlsRedis:
+class TlsRedis(RedisServer):
+    """A dedicated redis-server that speaks only TLS on its port, with a self-signed cert."""
+
     def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
         self.cert = workdir / "cert.pem"
         self.key = workdir / "key.pem"
         subprocess.run(
@@ -45,69 +48,37 @@ class TlsRedis:
             capture_output=True,
             timeout=60,
         )
-        self.port = free_port()
-        log_path = workdir / "redis.log"
-        self.proc = subprocess.Popen(
-            [
-                REDIS_SERVER,
-                "--port",
-                "0",
-                "--bind",
-                "127.0.0.1",
-                "--tls-port",
-                str(self.port),
-                "--tls-cert-file",
-                str(self.cert),
-                "--tls-key-file",
-                str(self.key),
-                "--tls-ca-cert-file",
-                str(self.cert),
-                "--tls-auth-clients",
-                "no",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(workdir),
-                "--logfile",
-                str(log_path),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 15
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"TLS redis-server exited: {log_path.read_text()}")
-            try:
-                with self.client() as c:
-                    if c.ping():
-                        return
-            except (redis.ConnectionError, redis.TimeoutError):
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("TLS redis-server never answered PING")
-            time.sleep(0.05)
+        super().__init__(workdir)
 
-    def client(self) -> redis.Redis:
+    def start(self) -> None:
+        # Later options win: the plain port is turned off and ours serves TLS.
+        self.args = [
+            "--port",
+            "0",
+            "--tls-port",
+            str(self.port),
+            "--tls-cert-file",
+            str(self.cert),
+            "--tls-key-file",
+            str(self.key),
+            "--tls-ca-cert-file",
+            str(self.cert),
+            "--tls-auth-clients",
+            "no",
+        ]
+        super().start()
+
+    def client(self, **kwargs: Any) -> redis.Redis:
+        kwargs.setdefault("socket_connect_timeout", 1)
+        kwargs.setdefault("socket_timeout", 2)
         return redis.Redis(
-            host="localhost",
-            port=self.port,
-            ssl=True,
-            ssl_cert_reqs="none",
-            socket_connect_timeout=1,
-            socket_timeout=2,
+            host="localhost", port=self.port, ssl=True, ssl_cert_reqs="none", **kwargs
         )
-
-    def stop(self) -> None:
-        self.proc.kill()
-        self.proc.wait(timeout=15)
 
 
 @pytest.fixture
 def tls_redis(tmp_path: Path) -> Iterator[TlsRedis]:
-    server = TlsRedis(tmp_path)
+    server = TlsRedis(tmp_path / "tls")
     yield server
     server.stop()
 
