@@ -5,21 +5,11 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
 
 import redis
-from conftest import PublishWatcher, redis_now_ms, stored_members
+from conftest import PublishWatcher, article_broadcast, redis_now_ms, stored_members
 
 import replaylog
-
-
-def article_broadcast(db: redis.Redis, channel: str, event_name: str, content: Any) -> int:
-    """The article's broadcast, verbatim except for redis-py 3+'s zadd mapping signature."""
-    timestamp = int(time.time() * 1000)
-    flattened = json.dumps({"event_name": event_name, "content": content, "timestamp": timestamp})
-    db.publish(f"mq:{channel}", flattened)
-    db.zadd(f"replay:{channel}", {flattened: timestamp})
-    return timestamp
 
 
 def test_plain_subscriber_on_mq_channel_gets_the_message(rdb: redis.Redis) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import redis
+from conftest import article_broadcast
 
 import replaylog
 
@@ -41,15 +42,6 @@ def log_with_old_and_new(
     time.sleep(0.3)
     new_ts = [log.broadcast(channel, "new", i) for i in range(new)]
     return old_ts, new_ts
-
-
-def article_broadcast(db: redis.Redis, channel: str, event_name: str, content: Any) -> int:
-    """The article's own broadcast: no bookkeeping, the app server's clock, two round trips."""
-    timestamp = int(time.time() * 1000)
-    flattened = json.dumps({"event_name": event_name, "content": content, "timestamp": timestamp})
-    db.publish(f"mq:{channel}", flattened)
-    db.zadd(f"replay:{channel}", {flattened: timestamp})
-    return timestamp
 
 
 # --------------------------------------------------------------------------- intact logs
