@@ -99,20 +99,7 @@ impl NativeLog {
         idempotency_key: Option<&Bound<'_, PyAny>>,
         aio: Aio<'_>,
     ) -> PyResult<Py<PyAny>> {
-        let mut message = self.encode(channel, event_name, content, default)?;
-        if let Some(key) = idempotency_key.filter(|key| !key.is_none()) {
-            let key = key.cast::<PyString>().map_err(|_| {
-                PyTypeError::new_err(format!(
-                    "idempotency_key must be str, not {}",
-                    type_name(key)
-                ))
-            })?;
-            message.idempotency_key = Some(
-                self.store
-                    .layout
-                    .idempotency_key(channel_str(channel)?, key.to_str()?),
-            );
-        }
+        let message = self.encode(channel, event_name, content, default, idempotency_key)?;
         self.dispatch(
             py,
             "broadcast",
@@ -136,7 +123,7 @@ impl NativeLog {
         for (index, item) in items.iter().enumerate() {
             let (channel, event_name, content) = triple(&item)
                 .map_err(|e| PyTypeError::new_err(format!("broadcast_many item {index}: {e}")))?;
-            messages.push(self.encode(&channel, &event_name, &content, default)?);
+            messages.push(self.encode(&channel, &event_name, &content, default, None)?);
         }
         self.dispatch(
             py,
@@ -334,6 +321,7 @@ impl NativeLog {
         event_name: &Bound<'_, PyAny>,
         content: &Bound<'_, PyAny>,
         default: Option<&Bound<'_, PyAny>>,
+        idempotency_key: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Outgoing> {
         let channel = channel_str(channel)?;
         let event_name = event_name.cast::<PyString>().map_err(|_| {
@@ -342,6 +330,18 @@ impl NativeLog {
                 type_name(event_name)
             ))
         })?;
+        let idempotency_key = match idempotency_key.filter(|key| !key.is_none()) {
+            None => None,
+            Some(key) => {
+                let key = key.cast::<PyString>().map_err(|_| {
+                    PyTypeError::new_err(format!(
+                        "idempotency_key must be str, not {}",
+                        type_name(key)
+                    ))
+                })?;
+                Some(self.store.layout.idempotency_key(channel, key.to_str()?))
+            }
+        };
         let mut encoder = Encoder::new(default, Vec::with_capacity(256));
         encoder.out.extend_from_slice(b"{\"event_name\":");
         encoder.write(event_name.as_any())?;
@@ -350,7 +350,7 @@ impl NativeLog {
         Ok(Outgoing {
             keys: self.store.layout.channel_keys(channel),
             head: encoder.out,
-            idempotency_key: None,
+            idempotency_key,
         })
     }
 
