@@ -203,7 +203,7 @@ impl Store {
         outcome.map_err(|e| self.failure(&e, what))
     }
 
-    /// Classifies an error of this log's own making (the subscription's connection).
+    /// A Redis error as the Python exception to raise, with what was being done and where.
     pub fn failure(&self, error: &RedisError, what: &str) -> Failure {
         let context = format!("{what} on {}", self.label);
         Failure::from_redis(error, &context, self.secret.as_deref())
