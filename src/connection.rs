@@ -6,8 +6,10 @@
 //! dropping would wait on threads that do not exist, and shutting down the inherited socket
 //! would cut the parent's connection.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -71,7 +73,7 @@ pub fn runtime(flavor: Flavor) -> &'static Runtime {
 /// tokio refuses to block a runtime thread.
 pub fn block_on<F>(flavor: Flavor, future: F) -> F::Output
 where
-    F: std::future::Future + Send,
+    F: Future + Send,
     F::Output: Send,
 {
     if tokio::runtime::Handle::try_current().is_err() {
@@ -85,8 +87,67 @@ where
     })
 }
 
+/// Synchronous calls of this process now waiting on Redis, across all logs.
+static SYNC_CALLS_WAITING: AtomicUsize = AtomicUsize::new(0);
+
+/// Awaits `future` on the calling-flavor runtime, polling for the reply without sleeping for
+/// up to the connection's budget while no other synchronous call is waiting. A thread that
+/// sleeps in `epoll_wait` for a round trip of a few dozen µs pays the kernel's (on a VM, the
+/// hypervisor's) wake-up on top of it; polling skips that. Another waiting call means the CPU
+/// is wanted by other threads, so the poll stops and the thread sleeps as usual. So does a
+/// call after one whose reply took longer than the budget: a remote Redis, where polling would
+/// only burn CPU.
+pub async fn busy_poll<F: Future>(future: F, connection: &Connection) -> F::Output {
+    let mut future = std::pin::pin!(future);
+    let waiting = WaitingCall::new();
+    let started = Instant::now();
+    let budget = connection.settings.busy_poll;
+    let last_wait = Duration::from_micros(connection.calling_last_wait_us.load(Ordering::Relaxed));
+    let deadline =
+        (waiting.alone && !budget.is_zero() && last_wait <= budget).then(|| started + budget);
+    let output = loop {
+        let polled = std::future::poll_fn(|cx| Poll::Ready(future.as_mut().poll(cx))).await;
+        if let Poll::Ready(output) = polled {
+            break output;
+        }
+        let polling = deadline.is_some_and(|deadline| Instant::now() < deadline)
+            && SYNC_CALLS_WAITING.load(Ordering::Relaxed) == 1;
+        if !polling {
+            break future.await;
+        }
+        // Defers this task, so the runtime checks the socket with a zero timeout, not a sleep.
+        tokio::task::yield_now().await;
+    };
+    let waited = started.elapsed().as_micros().min(u128::from(u64::MAX)) as u64;
+    connection
+        .calling_last_wait_us
+        .store(waited, Ordering::Relaxed);
+    output
+}
+
+/// Counts one synchronous call in `SYNC_CALLS_WAITING` while it lives.
+struct WaitingCall {
+    alone: bool,
+}
+
+impl WaitingCall {
+    fn new() -> WaitingCall {
+        WaitingCall {
+            alone: SYNC_CALLS_WAITING.fetch_add(1, Ordering::Relaxed) == 0,
+        }
+    }
+}
+
+impl Drop for WaitingCall {
+    fn drop(&mut self) {
+        SYNC_CALLS_WAITING.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Called in a forked child (`os.register_at_fork`): forget the parent's runtimes now.
 pub fn forget_after_fork() {
+    // Calls in the parent's other threads do not exist here.
+    SYNC_CALLS_WAITING.store(0, Ordering::Relaxed);
     for slot in [&CALLING, &BACKGROUND] {
         // Leaked on purpose, see the module comment.
         *slot.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = None;
@@ -99,6 +160,8 @@ pub struct Settings {
     pub url: String,
     pub connect_timeout: Duration,
     pub response_timeout: Duration,
+    /// How long a synchronous call polls for its reply before it sleeps; see [`busy_poll`].
+    pub busy_poll: Duration,
 }
 
 impl Settings {
@@ -124,6 +187,8 @@ pub struct Connection {
     created: Instant,
     /// When the calling-flavor connection last answered, in ms after `created`.
     calling_answered: AtomicU64,
+    /// How long the last synchronous call waited for Redis, in µs; see [`busy_poll`].
+    calling_last_wait_us: AtomicU64,
 }
 
 impl Connection {
@@ -136,6 +201,7 @@ impl Connection {
             background: Mutex::new(None),
             created: Instant::now(),
             calling_answered: AtomicU64::new(0),
+            calling_last_wait_us: AtomicU64::new(0),
         })
     }
 

@@ -40,8 +40,9 @@ struct NativeLog {
 impl NativeLog {
     #[new]
     #[pyo3(signature = (
-        url, masked_url, *, connect_timeout, response_timeout, channel_prefix, log_prefix,
-        meta_prefix, idempotency_prefix, cluster_keys, expire_ms, max_len, idempotency_window_ms
+        url, masked_url, *, connect_timeout, response_timeout, busy_poll_us, channel_prefix,
+        log_prefix, meta_prefix, idempotency_prefix, cluster_keys, expire_ms, max_len,
+        idempotency_window_ms
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -50,6 +51,7 @@ impl NativeLog {
         masked_url: String,
         connect_timeout: f64,
         response_timeout: f64,
+        busy_poll_us: u64,
         channel_prefix: String,
         log_prefix: String,
         meta_prefix: String,
@@ -63,6 +65,7 @@ impl NativeLog {
             url: url.to_owned(),
             connect_timeout: seconds(connect_timeout)?,
             response_timeout: seconds(response_timeout)?,
+            busy_poll: Duration::from_micros(busy_poll_us),
         };
         let connection = Connection::new(settings).map_err(|e| {
             let reason = e.detail().unwrap_or(e.category()).replace(url, &masked_url);
@@ -384,8 +387,9 @@ impl NativeLog {
         };
         match aio {
             None => {
+                let polled = connection::busy_poll(work, self.store.connection());
                 let value = py
-                    .detach(|| connection::block_on(flavor, work))
+                    .detach(|| connection::block_on(flavor, polled))
                     .map_err(|failure: Failure| failure.into_pyerr(py))?;
                 convert(py, value)
             }

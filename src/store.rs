@@ -209,6 +209,10 @@ impl Store {
         Failure::from_redis(error, &context, self.secret.as_deref())
     }
 
+    pub fn connection(&self) -> &Connection {
+        &self.connection
+    }
+
     pub fn settings(&self) -> &crate::connection::Settings {
         self.connection.settings()
     }

@@ -15,6 +15,7 @@ class NativeLog:
         *,
         connect_timeout: float,
         response_timeout: float,
+        busy_poll_us: int,
         channel_prefix: str,
         log_prefix: str,
         meta_prefix: str,

@@ -17,6 +17,9 @@ DEFAULT_LOG_PREFIX = "replay:"
 DEFAULT_META_PREFIX = "replaymeta:"
 DEFAULT_IDEMPOTENCY_PREFIX = "replayonce:"
 DEFAULT_IDEMPOTENCY_WINDOW_MS = 300_000
+# A local Redis answers a broadcast in a few dozen µs; see ReplayLog's busy_poll_us.
+DEFAULT_BUSY_POLL_US = 200
+MAX_BUSY_POLL_US = 10_000
 
 # setting name -> (environment variable, default)
 SETTINGS: dict[str, tuple[str, Any]] = {
@@ -24,6 +27,7 @@ SETTINGS: dict[str, tuple[str, Any]] = {
     "EXPIRE_REPLAY_LOGS_MS": ("EXPIRE_REPLAY_LOGS_MS", DEFAULT_EXPIRE_MS),
     "REPLAYLOG_CONNECT_TIMEOUT": ("REPLAYLOG_CONNECT_TIMEOUT", DEFAULT_CONNECT_TIMEOUT),
     "REPLAYLOG_RESPONSE_TIMEOUT": ("REPLAYLOG_RESPONSE_TIMEOUT", DEFAULT_RESPONSE_TIMEOUT),
+    "REPLAYLOG_BUSY_POLL_US": ("REPLAYLOG_BUSY_POLL_US", DEFAULT_BUSY_POLL_US),
     "REPLAYLOG_CHANNEL_PREFIX": ("REPLAYLOG_CHANNEL_PREFIX", DEFAULT_CHANNEL_PREFIX),
     "REPLAYLOG_LOG_PREFIX": ("REPLAYLOG_LOG_PREFIX", DEFAULT_LOG_PREFIX),
     "REPLAYLOG_META_PREFIX": ("REPLAYLOG_META_PREFIX", DEFAULT_META_PREFIX),
@@ -110,6 +114,20 @@ def as_max_len(name: str, value: Any) -> int:
     if value == 0 and not isinstance(value, bool):
         return 0
     return as_expire_ms(name, value)
+
+
+def as_busy_poll_us(name: str, value: Any) -> int:
+    """Microseconds, 0 (never poll) to MAX_BUSY_POLL_US; numeric strings are accepted."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    if isinstance(value, bool) or not isinstance(value, int) or not (
+        0 <= value <= MAX_BUSY_POLL_US
+    ):
+        raise ConfigurationError(
+            f"{name} must be an integer of microseconds from 0 to {MAX_BUSY_POLL_US}, "
+            f"got {value!r}"
+        )
+    return value
 
 
 def as_bool(name: str, value: Any) -> bool:

@@ -461,6 +461,10 @@ MALFORMED = [
     ("REPLAYLOG_MAX_LEN", "lots", "replaylog.E009"),
     ("REPLAYLOG_CLUSTER_KEYS", "maybe", "replaylog.E010"),
     ("REPLAYLOG_IDEMPOTENCY_WINDOW_MS", 0, "replaylog.E011"),
+    ("REPLAYLOG_BUSY_POLL_US", -1, "replaylog.E013"),
+    ("REPLAYLOG_BUSY_POLL_US", 10_001, "replaylog.E013"),
+    ("REPLAYLOG_BUSY_POLL_US", 1.5, "replaylog.E013"),
+    ("REPLAYLOG_BUSY_POLL_US", True, "replaylog.E013"),
 ]
 
 

@@ -20,6 +20,7 @@ id                  reported when
 ``replaylog.E009``  ``REPLAYLOG_MAX_LEN`` is not 0, None or a positive integer
 ``replaylog.E010``  ``REPLAYLOG_CLUSTER_KEYS`` is not a bool
 ``replaylog.E011``  ``REPLAYLOG_IDEMPOTENCY_WINDOW_MS`` is not a positive integer of ms
+``replaylog.E013``  ``REPLAYLOG_BUSY_POLL_US`` is not an integer of µs from 0 to 10000
 ``replaylog.E012``  each setting is valid but they do not work together (equal prefixes)
 ``replaylog.W001``  ``REPLAYLOG_LOG_PREFIX`` is empty, so a prune would scan every key
 ==================  =====================================================================
@@ -75,6 +76,7 @@ _CONVERTERS: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "REPLAYLOG_MAX_LEN": ("replaylog.E009", _settings.as_max_len),
     "REPLAYLOG_CLUSTER_KEYS": ("replaylog.E010", _settings.as_bool),
     "REPLAYLOG_IDEMPOTENCY_WINDOW_MS": ("replaylog.E011", _settings.as_expire_ms),
+    "REPLAYLOG_BUSY_POLL_US": ("replaylog.E013", _settings.as_busy_poll_us),
 }
 _COMBINATION_ID = "replaylog.E012"
 

@@ -1,0 +1,143 @@
+"""Busy polling: a synchronous call alone in its process polls for its reply instead of sleeping.
+
+Whether a thread slept is read from its voluntary context switches (``getrusage``), a count, not a
+time: a call that sleeps in ``epoll_wait`` until Redis answers adds at least one.
+"""
+
+from __future__ import annotations
+
+import resource
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any, Callable
+
+import pytest
+import redis
+from conftest import SilentServer
+
+import replaylog
+from replaylog import _settings
+
+# Each measured call first waits out a pause of Redis this long: a call that does not poll is then
+# sure to sleep, and a budget of POLL_US is sure to cover it.
+PAUSE_MS = 3
+POLL_US = 10_000
+CALLS = 10
+
+
+def sleeps_per_paused_call(call: Callable[[], Any], pauser: redis.Redis) -> float:
+    """Voluntary context switches of this thread per ``call()``, each made while Redis pauses."""
+    call()  # connects, and sends the idle check's PING
+    switches = 0
+    for _ in range(CALLS):
+        pauser.execute_command("CLIENT", "PAUSE", PAUSE_MS, "ALL")
+        before = resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw
+        call()
+        switches += resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw - before
+    return switches / CALLS
+
+
+def broadcaster(log: replaylog.ReplayLog) -> Callable[[], Any]:
+    return lambda: log.broadcast("room", "message", {"text": "hi"})
+
+
+@pytest.fixture
+def pauser(replaylog_url: str) -> Iterator[redis.Redis]:
+    """A client for ``CLIENT PAUSE``; Redis ends a pause on its timer, so the timer runs at
+    500 Hz meanwhile (at the default 10 Hz, a 3 ms pause lasts up to 100 ms)."""
+    client = redis.Redis.from_url(replaylog_url)
+    hz = client.config_get("hz")["hz"]
+    client.config_set("hz", 500)
+    yield client
+    client.config_set("hz", hz)
+    client.close()
+
+
+def test_a_lone_call_polls_instead_of_sleeping(replaylog_url: str, pauser: redis.Redis) -> None:
+    polling = replaylog.ReplayLog(replaylog_url, busy_poll_us=POLL_US)
+    sleeping = replaylog.ReplayLog(replaylog_url, busy_poll_us=0)
+    try:
+        assert sleeps_per_paused_call(broadcaster(polling), pauser) <= 0.1
+        assert sleeps_per_paused_call(broadcaster(sleeping), pauser) >= 1
+        # Replies read while polling are the same replies.
+        stamp = polling.broadcast("room", "message", {"n": 1})
+        [message] = polling.unspool("room", stamp - 1)
+        assert (message["content"], message["timestamp"]) == ({"n": 1}, stamp)
+    finally:
+        polling.close()
+        sleeping.close()
+
+
+def test_no_poll_while_another_thread_waits_on_redis(
+    replaylog_url: str, pauser: redis.Redis, silent_server: SilentServer
+) -> None:
+    # A thread stuck on a Redis that never answers counts as a waiting call: polling now would
+    # take the CPU from threads that need it, so this thread sleeps on its replies.
+    hung = replaylog.ReplayLog(
+        f"redis://127.0.0.1:{silent_server.port}/0", connect_timeout=3, response_timeout=3
+    )
+    log = replaylog.ReplayLog(replaylog_url, busy_poll_us=POLL_US)
+    errors: list[BaseException] = []
+
+    def wait_on_hung() -> None:
+        try:
+            hung.broadcast("room", "message", {})
+        except replaylog.ReplayLogError as error:
+            errors.append(error)
+
+    try:
+        broadcaster(log)()
+        waiter = threading.Thread(target=wait_on_hung)
+        waiter.start()
+        assert silent_server.got_data.wait(2)
+        assert sleeps_per_paused_call(broadcaster(log), pauser) >= 1
+        assert waiter.is_alive()
+        waiter.join()
+        assert errors and isinstance(errors[0], (replaylog.TimeoutError, replaylog.ConnectionError))
+        # Alone again: polling is back.
+        assert sleeps_per_paused_call(broadcaster(log), pauser) <= 0.1
+    finally:
+        hung.close()
+        log.close()
+
+
+def test_replies_slower_than_the_budget_stop_the_polling(
+    replaylog_url: str, pauser: redis.Redis
+) -> None:
+    # Past a remote Redis's round trip, polling only burns CPU: after a call that waited longer
+    # than the budget, the next one sleeps. Each call here waits out a 50 ms pause; polling 10 ms
+    # on each would burn 60 ms of this thread's CPU, stopping after the first burns about 10.
+    log = replaylog.ReplayLog(replaylog_url, busy_poll_us=POLL_US)
+    call = broadcaster(log)
+    try:
+        call()
+        cpu_before = time.thread_time()
+        for _ in range(6):
+            pauser.execute_command("CLIENT", "PAUSE", "50", "ALL")
+            call()
+        assert time.thread_time() - cpu_before < 0.035
+        # Replies within the budget turn polling back on.
+        assert sleeps_per_paused_call(call, pauser) <= 0.1
+    finally:
+        log.close()
+
+
+@pytest.mark.parametrize("value", [-1, 10_001, 1.5, True, "fast", None])
+def test_busy_poll_us_must_be_microseconds_within_bounds(value: Any) -> None:
+    if value is None:
+        # None means "look it up": the default.
+        assert replaylog.ReplayLog().busy_poll_us == _settings.DEFAULT_BUSY_POLL_US
+        return
+    with pytest.raises(replaylog.ConfigurationError, match="(?i)busy_poll_us"):
+        replaylog.ReplayLog(busy_poll_us=value)
+
+
+def test_busy_poll_us_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REPLAYLOG_BUSY_POLL_US", "0")
+    assert replaylog.ReplayLog().busy_poll_us == 0
+    monkeypatch.setenv("REPLAYLOG_BUSY_POLL_US", " 750 ")
+    assert replaylog.ReplayLog().busy_poll_us == 750
+    monkeypatch.setenv("REPLAYLOG_BUSY_POLL_US", "-5")
+    with pytest.raises(replaylog.ConfigurationError, match="REPLAYLOG_BUSY_POLL_US"):
+        replaylog.ReplayLog()
