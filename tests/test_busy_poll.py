@@ -20,10 +20,11 @@ import replaylog
 from replaylog import _settings
 
 # Each measured call first waits out a pause of Redis this long: a call that does not poll is then
-# sure to sleep, and a budget of POLL_US is sure to cover it.
+# sure to sleep, and a budget of POLL_US covers it. A polling call may still sleep now and then:
+# on the GIL, held by a thread of an earlier test, or after a pause that a loaded Redis overran.
 PAUSE_MS = 3
 POLL_US = 10_000
-CALLS = 10
+CALLS = 20
 
 
 def sleeps_per_paused_call(call: Callable[[], Any], pauser: redis.Redis) -> float:
@@ -58,7 +59,7 @@ def test_a_lone_call_polls_instead_of_sleeping(replaylog_url: str, pauser: redis
     polling = replaylog.ReplayLog(replaylog_url, busy_poll_us=POLL_US)
     sleeping = replaylog.ReplayLog(replaylog_url, busy_poll_us=0)
     try:
-        assert sleeps_per_paused_call(broadcaster(polling), pauser) <= 0.1
+        assert sleeps_per_paused_call(broadcaster(polling), pauser) <= 0.3
         assert sleeps_per_paused_call(broadcaster(sleeping), pauser) >= 1
         # Replies read while polling are the same replies.
         stamp = polling.broadcast("room", "message", {"n": 1})
@@ -96,7 +97,7 @@ def test_no_poll_while_another_thread_waits_on_redis(
         waiter.join()
         assert errors and isinstance(errors[0], (replaylog.TimeoutError, replaylog.ConnectionError))
         # Alone again: polling is back.
-        assert sleeps_per_paused_call(broadcaster(log), pauser) <= 0.1
+        assert sleeps_per_paused_call(broadcaster(log), pauser) <= 0.3
     finally:
         hung.close()
         log.close()
@@ -118,7 +119,7 @@ def test_replies_slower_than_the_budget_stop_the_polling(
             call()
         assert time.thread_time() - cpu_before < 0.035
         # Replies within the budget turn polling back on.
-        assert sleeps_per_paused_call(call, pauser) <= 0.1
+        assert sleeps_per_paused_call(call, pauser) <= 0.3
     finally:
         log.close()
 

@@ -68,9 +68,10 @@ class ReplayLog:
 
     Settings left as ``None`` come from Django settings, then the environment, then defaults:
     ``REPLAYLOG_URL``, ``EXPIRE_REPLAY_LOGS_MS``, ``REPLAYLOG_CONNECT_TIMEOUT``,
-    ``REPLAYLOG_RESPONSE_TIMEOUT``, ``REPLAYLOG_BUSY_POLL_US``, ``REPLAYLOG_CHANNEL_PREFIX``, ``REPLAYLOG_LOG_PREFIX``,
-    ``REPLAYLOG_META_PREFIX``, ``REPLAYLOG_IDEMPOTENCY_PREFIX``, ``REPLAYLOG_MAX_LEN``,
-    ``REPLAYLOG_CLUSTER_KEYS`` and ``REPLAYLOG_IDEMPOTENCY_WINDOW_MS`` (see the README).
+    ``REPLAYLOG_RESPONSE_TIMEOUT``, ``REPLAYLOG_BUSY_POLL_US``, ``REPLAYLOG_CHANNEL_PREFIX``,
+    ``REPLAYLOG_LOG_PREFIX``, ``REPLAYLOG_META_PREFIX``, ``REPLAYLOG_IDEMPOTENCY_PREFIX``,
+    ``REPLAYLOG_MAX_LEN``, ``REPLAYLOG_CLUSTER_KEYS`` and ``REPLAYLOG_IDEMPOTENCY_WINDOW_MS``
+    (see the README).
     ``expire_ms`` left as ``None`` is looked up again at each prune, so a changed setting counts.
     """
 

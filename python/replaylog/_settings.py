@@ -120,12 +120,13 @@ def as_busy_poll_us(name: str, value: Any) -> int:
     """Microseconds, 0 (never poll) to MAX_BUSY_POLL_US; numeric strings are accepted."""
     if isinstance(value, str) and value.strip().isdigit():
         value = int(value.strip())
-    if isinstance(value, bool) or not isinstance(value, int) or not (
-        0 <= value <= MAX_BUSY_POLL_US
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or not (0 <= value <= MAX_BUSY_POLL_US)
     ):
         raise ConfigurationError(
-            f"{name} must be an integer of microseconds from 0 to {MAX_BUSY_POLL_US}, "
-            f"got {value!r}"
+            f"{name} must be an integer of microseconds from 0 to {MAX_BUSY_POLL_US}, got {value!r}"
         )
     return value
 
