@@ -162,6 +162,21 @@ def run(url: str, sizes: Sizes, smoke: bool) -> dict[str, Any]:
             ),
         )
 
+        # Threads alone, without the work: what 8 Python threads cost each client per call.
+        limits = results["limits"] = {}
+        limits["empty_call_threads"] = {
+            impl.name: measure.best(
+                [
+                    measure.empty_calls_threads(
+                        impl, sizes.per_thread, sizes.threads, f"empty:{impl.name}"
+                    )
+                    for _ in range(sizes.repeat)
+                ]
+            )
+            for impl in impls
+            if impl.name != "article"
+        }
+
         log(f"bench: broadcast_many of {sizes.many:,}")
         admin.flushall()
         many = chat_messages(sizes.many)
@@ -195,6 +210,19 @@ def run(url: str, sizes: Sizes, smoke: bool) -> dict[str, Any]:
                     impl, f"spool:{impl.name}", sizes.unspool, raw
                 ),
             )
+
+        # What no client can beat: the reply's bytes read off a socket, unparsed, and CPython
+        # creating the same objects by its cheapest path (unpickling).
+        ours = next(impl for impl in impls if impl.name == "replaylog")
+        limits["reply_bytes"] = (
+            measure.reply_bytes(
+                admin, ["ZRANGEBYSCORE", "replay:spool:replaylog", "(0", "+inf"], 4 * sizes.repeat
+            )
+            / sizes.unspool
+        )
+        for raw, name in ((False, "objects_dicts"), (True, "objects_str")):
+            messages = (ours.unspool_raw if raw else ours.unspool)("spool:replaylog", 0)
+            limits[name] = measure.unpickle(messages, sizes.repeat) / sizes.unspool
 
         log(f"bench: prune of {sizes.channels:,} channels")
         expected = 0

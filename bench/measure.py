@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -58,16 +60,36 @@ def broadcast_one_thread(impl: Any, contents: list[Any], channel: str) -> float:
 
 def broadcast_threads(impl: Any, contents: list[Any], threads: int, channel: str) -> float:
     """All threads start together on one shared client; wall time per message."""
+
+    def broadcasts(own: str) -> None:
+        for content in contents:
+            impl.broadcast(own, EVENT_NAME, content)
+
+    return in_threads(broadcasts, threads, channel) / (threads * len(contents))
+
+
+def empty_calls_threads(impl: Any, calls: int, threads: int, channel: str) -> float:
+    """Like ``broadcast_threads`` with unspools of a missing log, which cost Redis about 1 µs:
+    what the threads cost the client before any work; wall time per call."""
+
+    def unspools(own: str) -> None:
+        for _ in range(calls):
+            impl.unspool(own, 0)
+
+    return in_threads(unspools, threads, channel) / (threads * calls)
+
+
+def in_threads(work_on: Any, threads: int, channel: str) -> float:
+    """Wall seconds for ``threads`` threads, released together, each running
+    ``work_on(own channel)``."""
     barrier = threading.Barrier(threads + 1)
     errors: list[BaseException] = []
 
     def work(index: int) -> None:
-        broadcast = impl.broadcast
         own = f"{channel}:{index}"
         barrier.wait()
         try:
-            for content in contents:
-                broadcast(own, EVENT_NAME, content)
+            work_on(own)
         except BaseException as error:  # reported after the join
             errors.append(error)
 
@@ -81,7 +103,7 @@ def broadcast_threads(impl: Any, contents: list[Any], threads: int, channel: str
     elapsed = time.perf_counter() - start
     if errors:
         raise errors[0]
-    return elapsed / (threads * len(contents))
+    return elapsed
 
 
 def broadcast_many(impl: Any, items: list[tuple[str, str, Any]]) -> float:
@@ -101,6 +123,47 @@ def unspool(impl: Any, channel: str, expected: int, raw: bool) -> float:
     if len(messages) != expected:
         raise AssertionError(f"{impl.name}: unspooled {len(messages)} of {expected} messages")
     return elapsed / expected
+
+
+def reply_bytes(admin: redis.Redis, command: list[str], repeat: int) -> float:
+    """Best seconds for Redis to answer ``command`` on a plain socket, read but not parsed:
+    Redis plus loopback, what no client can beat."""
+    replies = admin.execute_command(*command)
+    size = len(f"*{len(replies)}\r\n") + sum(
+        len(f"${len(reply)}\r\n") + len(reply) + 2 for reply in replies
+    )
+    request = b"".join(
+        [f"*{len(command)}\r\n".encode()]
+        + [f"${len(part.encode())}\r\n{part}\r\n".encode() for part in command]
+    )
+    kwargs = admin.connection_pool.connection_kwargs
+    buffer = memoryview(bytearray(size))
+    samples = []
+    with socket.create_connection((kwargs["host"], kwargs["port"])) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if kwargs.get("db"):
+            select = f"*2\r\n$6\r\nSELECT\r\n${len(str(kwargs['db']))}\r\n{kwargs['db']}\r\n"
+            sock.sendall(select.encode())
+            sock.recv(16)
+        for _ in range(repeat):
+            start = time.perf_counter()
+            sock.sendall(request)
+            received = 0
+            while received < size:
+                received += sock.recv_into(buffer[received:], size - received)
+            samples.append(time.perf_counter() - start)
+    return best(samples)
+
+
+def unpickle(objects: Any, repeat: int) -> float:
+    """Best seconds to unpickle ``objects``: CPython's cheapest way to create them."""
+    data = pickle.dumps(objects, protocol=pickle.HIGHEST_PROTOCOL)
+    samples = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        pickle.loads(data)
+        samples.append(time.perf_counter() - start)
+    return best(samples)
 
 
 def fill(impl: Any, channel: str, count: int, chunk: int = 10_000) -> None:

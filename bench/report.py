@@ -147,6 +147,7 @@ def extras(results: dict[str, Any], markdown: bool) -> str:
         )
     if fl.get("note"):
         lines.append(f"{bullet}Floors: {fl['note']}.")
+    lines += limit_lines(results, bullet)
     cost = results.get("redis_us_per_broadcast", {})
     if cost:
         parts = [f"{name} {cost[name]['us']:.2f} µs ({cost[name]['commands']})" for name in cost]
@@ -192,6 +193,42 @@ def extras(results: dict[str, Any], markdown: bool) -> str:
         f"{env.get('load_average_end', [0])[0]:.1f} at the end."
     )
     return "\n".join(lines)
+
+
+def limit_lines(results: dict[str, Any], bullet: str) -> list[str]:
+    """The limits behind the targets that no client reaches, measured in the same run."""
+    w = results["workloads"]
+    limits = results.get("limits", {})
+    lines = []
+    empty = limits.get("empty_call_threads", {})
+    if "replaylog" in empty and "peer" in empty:
+        threads = results["sizes"]["threads"]
+        wanted = w["broadcast_threads"]["peer"] / 5
+        script = 1 / results.get("floors", {}).get("ceiling_msgs_per_s", float("inf"))
+        lines.append(
+            f"{bullet}{threads} threads making empty calls (unspool of a missing log, about "
+            f"1 µs of Redis): replaylog {us(empty['replaylog'])} µs, peer {us(empty['peer'])} µs "
+            f"per call. 5× the peer's {threads}-thread broadcast is {us(wanted)} µs per message; "
+            f"the script alone costs Redis {us(script)} µs of it (the ceiling), and the threads "
+            f"alone cost replaylog {us(empty['replaylog'])} µs."
+        )
+    reply = limits.get("reply_bytes")
+    for workload, objects, label, wanted in (
+        ("unspool", "objects_dicts", "dicts", 4),
+        ("unspool_raw", "objects_str", "str", 8),
+    ):
+        if reply is None or objects not in limits:
+            continue
+        # Receiving and creating can overlap, at best entirely: the slower of the two bounds.
+        best_possible = max(reply, limits[objects])
+        lines.append(
+            f"{bullet}{workload}: Redis answers and the bytes arrive (read off a socket, "
+            f"unparsed) in {us(reply)} µs per message, and CPython creates the {label} by "
+            f"unpickling in {us(limits[objects])} µs. Even with the two fully overlapped, no "
+            f"Python client goes below {us(best_possible)} µs per message: at most "
+            f"{w[workload]['peer'] / best_possible:.2f}× the peer's speed (target {wanted}×)."
+        )
+    return lines
 
 
 def console(results: dict[str, Any]) -> str:
