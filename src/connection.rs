@@ -13,8 +13,11 @@ use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::ConnectionInfo;
 use redis::{Client, IntoConnectionInfo, ProtocolVersion, RedisResult};
 use tokio::runtime::Runtime;
+
+use crate::bulk::BulkConnection;
 
 /// Which runtime a call runs on.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -177,6 +180,12 @@ struct ProcessConnection {
     manager: ConnectionManager,
 }
 
+/// Idle bulk connections (see `bulk`) of one runtime flavor, each with the pid that made it.
+type BulkPool = Mutex<Vec<(u32, BulkConnection)>>;
+
+/// Idle bulk connections kept per log and flavor; more are opened while more unspool at once.
+const BULK_IDLE: usize = 4;
+
 /// One multiplexed connection per log, process and runtime flavor, made lazily and shared
 /// by all threads: concurrent calls are pipelined onto it, and it reconnects by itself
 /// after Redis restarts.
@@ -184,6 +193,8 @@ pub struct Connection {
     settings: Settings,
     calling: Mutex<Option<ProcessConnection>>,
     background: Mutex<Option<ProcessConnection>>,
+    calling_bulk: BulkPool,
+    background_bulk: BulkPool,
     created: Instant,
     /// When the calling-flavor connection last answered, in ms after `created`.
     calling_answered: AtomicU64,
@@ -199,6 +210,8 @@ impl Connection {
             settings,
             calling: Mutex::new(None),
             background: Mutex::new(None),
+            calling_bulk: Mutex::new(Vec::new()),
+            background_bulk: Mutex::new(Vec::new()),
             created: Instant::now(),
             calling_answered: AtomicU64::new(0),
             calling_last_wait_us: AtomicU64::new(0),
@@ -213,6 +226,45 @@ impl Connection {
         match flavor {
             Flavor::Calling => &self.calling,
             Flavor::Background => &self.background,
+        }
+    }
+
+    fn bulk_pool(&self, flavor: Flavor) -> &BulkPool {
+        match flavor {
+            Flavor::Calling => &self.calling_bulk,
+            Flavor::Background => &self.background_bulk,
+        }
+    }
+
+    pub fn connection_info(&self) -> RedisResult<ConnectionInfo> {
+        self.settings.url.as_str().into_connection_info()
+    }
+
+    /// An idle bulk connection of this process on the `flavor` runtime, if there is one.
+    pub fn take_bulk(&self, flavor: Flavor) -> Option<BulkConnection> {
+        let pid = std::process::id();
+        let mut pool = self
+            .bulk_pool(flavor)
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        while let Some((owner, connection)) = pool.pop() {
+            if owner == pid {
+                return Some(connection);
+            }
+            // A parent's, after fork: see the module comment.
+            std::mem::forget(connection);
+        }
+        None
+    }
+
+    /// Keeps a bulk connection that answered well for the next unspool.
+    pub fn put_bulk(&self, flavor: Flavor, connection: BulkConnection) {
+        let mut pool = self
+            .bulk_pool(flavor)
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if pool.len() < BULK_IDLE {
+            pool.push((std::process::id(), connection));
         }
     }
 
@@ -288,6 +340,19 @@ impl Connection {
             match taken {
                 Some(connection) if connection.pid != pid => std::mem::forget(connection),
                 other => drop(other),
+            }
+            let idle = std::mem::take(
+                &mut *self
+                    .bulk_pool(flavor)
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner()),
+            );
+            for (owner, connection) in idle {
+                if owner == pid {
+                    drop(connection);
+                } else {
+                    std::mem::forget(connection);
+                }
             }
         }
     }

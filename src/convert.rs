@@ -96,13 +96,13 @@ pub fn parse_limit(limit: Option<&Bound<'_, PyAny>>) -> PyResult<Option<u64>> {
     Ok(limit.extract::<i64>().ok().map(|n| n as u64))
 }
 
-pub fn messages_to_python(
+pub fn messages_to_python<'a>(
     py: Python<'_>,
-    messages: Vec<Vec<u8>>,
+    messages: impl IntoIterator<Item = &'a [u8]>,
     raw: bool,
 ) -> PyResult<Bound<'_, PyList>> {
     let mut decoder = json::Decoder::new(py);
-    let items = messages.iter().map(|message| {
+    let items = messages.into_iter().map(|message| {
         if raw {
             json::raw_str(py, message).map(Bound::into_any)
         } else {

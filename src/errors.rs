@@ -37,9 +37,16 @@ impl Failure {
                 message: format!("{context}: Redis refused the command: {text}"),
             };
         }
-        match error.code() {
+        // A refused command of a pipeline carries its code inside the pipeline's error.
+        let code = error.code().map(str::to_owned).or_else(|| {
+            let refused = error.clone().into_server_errors()?;
+            refused
+                .first()
+                .map(|(_, refusal)| refusal.code().to_owned())
+        });
+        match code {
             Some(code) => Failure::Refused {
-                code: code.to_owned(),
+                code,
                 message: format!("{context}: Redis refused the command: {text}"),
             },
             None => Failure::Other(format!("{context}: {text}")),

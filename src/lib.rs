@@ -2,6 +2,7 @@
 //! The work is done in plain Rust modules: `json`, `store`, `subscription`, `connection`.
 
 mod aio;
+mod bulk;
 mod connection;
 mod convert;
 mod errors;
@@ -107,7 +108,7 @@ impl NativeLog {
             py,
             "broadcast",
             aio,
-            move |store, manager| async move { store.broadcast(manager, &[message]).await },
+            move |store, _, manager| async move { store.broadcast(manager, &[message]).await },
             |py, timestamps| Ok(timestamps[0].into_pyobject(py)?.into_any().unbind()),
         )
     }
@@ -132,7 +133,7 @@ impl NativeLog {
             py,
             "broadcast_many",
             aio,
-            move |store, manager| async move { store.broadcast(manager, &messages).await },
+            move |store, _, manager| async move { store.broadcast(manager, &messages).await },
             |py, timestamps| Ok(timestamps.into_pyobject(py)?.into_any().unbind()),
         )
     }
@@ -157,9 +158,11 @@ impl NativeLog {
             py,
             "unspool",
             aio,
-            move |store, manager| async move { store.unspool(manager, &[request], limit).await },
-            move |py, mut logs| {
-                let messages = logs.pop().unwrap_or_default();
+            move |store, flavor, manager| async move {
+                store.unspool(flavor, manager, &[request], limit).await
+            },
+            move |py, replies| {
+                let messages = replies.arrays().next().into_iter().flatten();
                 Ok(messages_to_python(py, messages, raw)?.into_any().unbind())
             },
         )
@@ -191,10 +194,12 @@ impl NativeLog {
             py,
             "unspool_many",
             aio,
-            move |store, manager| async move { store.unspool(manager, &requests, limit).await },
-            move |py, logs| {
+            move |store, flavor, manager| async move {
+                store.unspool(flavor, manager, &requests, limit).await
+            },
+            move |py, replies| {
                 let result = PyDict::new(py);
-                for (channel, messages) in channels.into_iter().zip(logs) {
+                for (channel, messages) in channels.into_iter().zip(replies.arrays()) {
                     result.set_item(channel, messages_to_python(py, messages, raw)?)?;
                 }
                 Ok(result.into_any().unbind())
@@ -225,11 +230,12 @@ impl NativeLog {
             py,
             "replay",
             aio,
-            move |store, manager| async move { store.replay(manager, &[request], limit).await },
+            move |store, _, manager| async move { store.replay(manager, &[request], limit).await },
             move |py, mut replays| {
                 let replayed = replays.pop().unwrap_or_default();
                 let epoch = (!replayed.epoch.is_empty()).then_some(replayed.epoch);
-                let messages = messages_to_python(py, replayed.messages, raw)?;
+                let messages = replayed.messages.iter().map(Vec::as_slice);
+                let messages = messages_to_python(py, messages, raw)?;
                 Ok((replayed.complete, messages, epoch)
                     .into_pyobject(py)?
                     .into_any()
@@ -245,7 +251,7 @@ impl NativeLog {
             py,
             "prune_replay_logs",
             aio,
-            move |store, manager| async move { store.prune(manager, expire_ms).await },
+            move |store, _, manager| async move { store.prune(manager, expire_ms).await },
             |py, removed| Ok(removed.into_pyobject(py)?.into_any().unbind()),
         )
     }
@@ -369,7 +375,7 @@ impl NativeLog {
     ) -> PyResult<Py<PyAny>>
     where
         T: Send + 'static,
-        F: FnOnce(Arc<Store>, ConnectionManager) -> Fut + Send + 'static,
+        F: FnOnce(Arc<Store>, Flavor, ConnectionManager) -> Fut + Send + 'static,
         Fut: Future<Output = RedisResult<T>> + Send + 'static,
         C: FnOnce(Python<'_>, T) -> PyResult<Py<PyAny>> + Send + 'static,
     {
@@ -382,7 +388,7 @@ impl NativeLog {
         let work = async move {
             let owner = store.clone();
             owner
-                .call(flavor, what, |manager| operation(store, manager))
+                .call(flavor, what, |manager| operation(store, flavor, manager))
                 .await
         };
         match aio {

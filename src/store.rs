@@ -5,6 +5,7 @@ use std::future::Future;
 use redis::aio::ConnectionManager;
 use redis::{Cmd, Pipeline, RedisError, RedisResult, Script, Value};
 
+use crate::bulk::{timed_out, BulkConnection, Miss, Replies};
 use crate::connection::{Connection, Flavor};
 use crate::errors::Failure;
 
@@ -293,15 +294,17 @@ impl Store {
             .collect()
     }
 
-    /// The stored messages of each log newer than its cursor, oldest first, in one round trip.
+    /// The stored messages of each log newer than its cursor, oldest first, in one round trip:
+    /// on a bulk connection (see `bulk`) when it can, else on the regular one.
     pub async fn unspool(
         &self,
+        flavor: Flavor,
         mut manager: ConnectionManager,
         requests: &[(ChannelKeys, Since)],
         limit: Option<u64>,
-    ) -> RedisResult<Vec<Vec<Vec<u8>>>> {
+    ) -> RedisResult<Replies> {
         if requests.is_empty() {
-            return Ok(Vec::new());
+            return Ok(Replies::from_arrays(Vec::new()));
         }
         let mut pipe = Pipeline::with_capacity(requests.len());
         for (keys, since) in requests {
@@ -314,7 +317,42 @@ impl Store {
                 cmd.arg("LIMIT").arg(0).arg(limit);
             }
         }
-        query(&mut manager, &pipe).await
+        match self.unspool_in_bulk(flavor, &pipe, requests.len()).await {
+            Ok(replies) => return Ok(replies),
+            Err(Miss::TimedOut) => return Err(timed_out().into()),
+            Err(Miss::Fallback) => {}
+        }
+        Ok(Replies::from_arrays(query(&mut manager, &pipe).await?))
+    }
+
+    async fn unspool_in_bulk(
+        &self,
+        flavor: Flavor,
+        pipe: &Pipeline,
+        arrays: usize,
+    ) -> Result<Replies, Miss> {
+        let settings = self.connection.settings();
+        let mut bulk = match self.connection.take_bulk(flavor) {
+            Some(bulk) => bulk,
+            None => {
+                let info = self
+                    .connection
+                    .connection_info()
+                    .map_err(|_| Miss::Fallback)?;
+                BulkConnection::open(&info, settings.connect_timeout).await?
+            }
+        };
+        let request = pipe.get_packed_pipeline();
+        let exchange = bulk.exchange(&request, 0, arrays);
+        match tokio::time::timeout(settings.response_timeout, exchange).await {
+            // The connection is dropped: a late reply must not answer the next request.
+            Err(_) => Err(Miss::TimedOut),
+            Ok(Err(miss)) => Err(miss),
+            Ok(Ok(replies)) => {
+                self.connection.put_bulk(flavor, bulk);
+                Ok(replies)
+            }
+        }
     }
 
     /// Trims entries older than `expire_ms`, by the Redis clock, from every log.

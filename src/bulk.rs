@@ -1,0 +1,345 @@
+//! A lean connection for unspool's replies: thousands of bulk strings each.
+//!
+//! redis-rs parses every bulk string of a reply into a `Vec` of its own and reads the socket
+//! 8 KB at a time; at 10,000 messages that is most of an unspool's client time (see
+//! `bench/README.md`). This connection sends the same pipelined `ZRANGEBYSCORE`s over RESP2,
+//! reads the replies into one buffer with large reads, and hands out slices of it.
+//!
+//! It only ever runs read-only commands, so whenever it meets anything unusual (an error
+//! reply, a dropped connection, a TLS URL) the caller runs the request again on the regular
+//! connection, which reports errors and reconnects the way every other call does.
+
+use std::io;
+use std::ops::Range;
+use std::time::Duration;
+
+use redis::{ConnectionAddr, ConnectionInfo};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UnixStream};
+
+/// The least free space offered to each read: Redis writes up to 64 KB to a client per turn
+/// of its event loop, and larger reads mean fewer system calls.
+const READ_SIZE: usize = 256 * 1024;
+
+/// Arrays of bulk strings, as slices of the one buffer they were read into.
+pub struct Replies {
+    buffer: Vec<u8>,
+    spans: Vec<Range<usize>>,
+    /// Where each array's spans end in `spans`.
+    ends: Vec<usize>,
+}
+
+impl Replies {
+    /// The same shape from replies the regular connection parsed.
+    pub fn from_arrays(arrays: Vec<Vec<Vec<u8>>>) -> Replies {
+        let mut replies = Replies {
+            buffer: Vec::new(),
+            spans: Vec::new(),
+            ends: Vec::with_capacity(arrays.len()),
+        };
+        for array in arrays {
+            for item in array {
+                let start = replies.buffer.len();
+                replies.buffer.extend_from_slice(&item);
+                replies.spans.push(start..replies.buffer.len());
+            }
+            replies.ends.push(replies.spans.len());
+        }
+        replies
+    }
+
+    /// Each array's bulk strings, in order.
+    pub fn arrays(&self) -> impl Iterator<Item = impl ExactSizeIterator<Item = &[u8]>> {
+        let starts = std::iter::once(0).chain(self.ends.iter().copied());
+        starts.zip(&self.ends).map(move |(start, &end)| {
+            self.spans[start..end]
+                .iter()
+                .map(move |span| &self.buffer[span.clone()])
+        })
+    }
+}
+
+/// Why a request did not come back on this connection.
+pub enum Miss {
+    /// Run it on the regular connection instead.
+    Fallback,
+    /// Redis did not answer in time: the caller's error, as on the regular connection.
+    TimedOut,
+}
+
+pub fn timed_out() -> io::Error {
+    io::Error::new(io::ErrorKind::TimedOut, "no reply from Redis in time")
+}
+
+enum Stream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+pub struct BulkConnection {
+    stream: Stream,
+}
+
+impl BulkConnection {
+    /// Connects and authenticates as the URL says; TLS URLs are left to the regular connection.
+    pub async fn open(info: &ConnectionInfo, timeout: Duration) -> Result<BulkConnection, Miss> {
+        let connecting = async {
+            Ok::<_, io::Error>(match info.addr() {
+                ConnectionAddr::Tcp(host, port) => {
+                    let stream = TcpStream::connect((host.as_str(), *port)).await?;
+                    stream.set_nodelay(true)?;
+                    Some(Stream::Tcp(stream))
+                }
+                ConnectionAddr::Unix(path) => Some(Stream::Unix(UnixStream::connect(path).await?)),
+                _ => None,
+            })
+        };
+        let stream = match tokio::time::timeout(timeout, connecting).await {
+            Err(_) => return Err(Miss::TimedOut),
+            Ok(Err(_)) | Ok(Ok(None)) => return Err(Miss::Fallback),
+            Ok(Ok(Some(stream))) => stream,
+        };
+        let mut connection = BulkConnection { stream };
+        let settings = info.redis_settings();
+        let mut handshake = Vec::new();
+        let mut answers = 0;
+        if let Some(password) = settings.password() {
+            match settings.username() {
+                Some(user) => pack(
+                    &mut handshake,
+                    &[b"AUTH", user.as_bytes(), password.as_bytes()],
+                ),
+                None => pack(&mut handshake, &[b"AUTH", password.as_bytes()]),
+            }
+            answers += 1;
+        }
+        if settings.db() != 0 {
+            pack(
+                &mut handshake,
+                &[b"SELECT", settings.db().to_string().as_bytes()],
+            );
+            answers += 1;
+        }
+        if answers > 0 {
+            let exchange = connection.exchange(&handshake, answers, 0);
+            match tokio::time::timeout(timeout, exchange).await {
+                Err(_) => return Err(Miss::TimedOut),
+                Ok(outcome) => outcome?,
+            };
+        }
+        Ok(connection)
+    }
+
+    /// Sends `request` and reads `simple` status replies, then `arrays` arrays of bulk strings.
+    pub async fn exchange(
+        &mut self,
+        request: &[u8],
+        simple: usize,
+        arrays: usize,
+    ) -> Result<Replies, Miss> {
+        let written = match &mut self.stream {
+            Stream::Tcp(stream) => stream.write_all(request).await,
+            Stream::Unix(stream) => stream.write_all(request).await,
+        };
+        written.map_err(|_| Miss::Fallback)?;
+        let mut parser = Parser::new(simple, arrays);
+        let mut buffer = Vec::with_capacity(READ_SIZE);
+        loop {
+            if buffer.capacity() - buffer.len() < READ_SIZE {
+                buffer.reserve(READ_SIZE.max(buffer.len()));
+            }
+            let read = match &mut self.stream {
+                Stream::Tcp(stream) => stream.read_buf(&mut buffer).await,
+                Stream::Unix(stream) => stream.read_buf(&mut buffer).await,
+            };
+            match read {
+                Ok(0) | Err(_) => return Err(Miss::Fallback),
+                Ok(_) => {}
+            }
+            if parser.parse(&buffer)? {
+                break;
+            }
+        }
+        // Bytes past the replies asked for would desynchronise the next request.
+        if parser.position != buffer.len() {
+            return Err(Miss::Fallback);
+        }
+        Ok(Replies {
+            buffer,
+            spans: parser.spans,
+            ends: parser.ends,
+        })
+    }
+}
+
+/// Appends one command in RESP.
+pub fn pack(out: &mut Vec<u8>, parts: &[&[u8]]) {
+    out.extend_from_slice(format!("*{}\r\n", parts.len()).as_bytes());
+    for part in parts {
+        out.extend_from_slice(format!("${}\r\n", part.len()).as_bytes());
+        out.extend_from_slice(part);
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
+/// Walks replies as they arrive, resuming where the last read ended.
+struct Parser {
+    position: usize,
+    simple_left: usize,
+    arrays: usize,
+    /// Bulk strings still due in the array being read, if one is.
+    in_array: Option<usize>,
+    spans: Vec<Range<usize>>,
+    ends: Vec<usize>,
+}
+
+impl Parser {
+    fn new(simple: usize, arrays: usize) -> Parser {
+        Parser {
+            position: 0,
+            simple_left: simple,
+            arrays,
+            in_array: None,
+            spans: Vec::new(),
+            ends: Vec::with_capacity(arrays),
+        }
+    }
+
+    /// Whether every reply is complete in `buffer`; anything but the expected shape misses.
+    fn parse(&mut self, buffer: &[u8]) -> Result<bool, Miss> {
+        loop {
+            if self.in_array == Some(0) {
+                self.in_array = None;
+                self.ends.push(self.spans.len());
+            }
+            if self.in_array.is_none() && self.simple_left == 0 && self.ends.len() == self.arrays {
+                return Ok(true);
+            }
+            let Some((kind, value, after)) = line(buffer, self.position) else {
+                return Ok(false);
+            };
+            match (kind, self.in_array) {
+                (b'+', None) if self.simple_left > 0 => self.simple_left -= 1,
+                (b'*', None) if self.simple_left == 0 => {
+                    let count = length(value)?;
+                    // Bounded: the count is Redis's word, not yet the data.
+                    self.spans.reserve(count.min(1 << 16));
+                    self.in_array = Some(count);
+                }
+                (b'$', Some(due)) => {
+                    let end = after + length(value)?;
+                    if buffer.len() < end + 2 {
+                        return Ok(false);
+                    }
+                    if &buffer[end..end + 2] != b"\r\n" {
+                        return Err(Miss::Fallback);
+                    }
+                    self.spans.push(after..end);
+                    self.in_array = Some(due - 1);
+                    self.position = end + 2;
+                    continue;
+                }
+                // An error reply, a nil, or anything else unexpected.
+                _ => return Err(Miss::Fallback),
+            }
+            self.position = after;
+        }
+    }
+}
+
+/// The RESP line at `start`: its type byte, its text, and where the next line begins.
+fn line(buffer: &[u8], start: usize) -> Option<(u8, &[u8], usize)> {
+    let rest = buffer.get(start..)?;
+    let end = rest.windows(2).position(|pair| pair == b"\r\n")?;
+    let (&kind, value) = rest[..end].split_first()?;
+    Some((kind, value, start + end + 2))
+}
+
+/// A non-negative length or count; a nil (-1) is not expected here.
+fn length(text: &[u8]) -> Result<usize, Miss> {
+    std::str::from_utf8(text)
+        .ok()
+        .and_then(|text| text.parse().ok())
+        .ok_or(Miss::Fallback)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parsed(simple: usize, arrays: usize, input: &[u8]) -> Result<Option<Vec<Vec<Vec<u8>>>>, ()> {
+        let mut parser = Parser::new(simple, arrays);
+        match parser.parse(input) {
+            Err(_) => Err(()),
+            Ok(false) => Ok(None),
+            Ok(true) => {
+                let replies = Replies {
+                    buffer: input.to_vec(),
+                    spans: parser.spans,
+                    ends: parser.ends,
+                };
+                Ok(Some(
+                    replies
+                        .arrays()
+                        .map(|array| array.map(<[u8]>::to_vec).collect())
+                        .collect(),
+                ))
+            }
+        }
+    }
+
+    #[test]
+    fn arrays_of_bulk_strings_after_status_replies() {
+        let input = b"+OK\r\n*2\r\n$3\r\nabc\r\n$0\r\n\r\n*0\r\n*1\r\n$4\r\na\r\nb\r\n";
+        let expected = vec![
+            vec![b"abc".to_vec(), b"".to_vec()],
+            vec![],
+            vec![b"a\r\nb".to_vec()],
+        ];
+        assert_eq!(parsed(1, 3, input), Ok(Some(expected)));
+    }
+
+    #[test]
+    fn every_prefix_is_incomplete_and_resumes() {
+        let input = b"*2\r\n$5\r\nhello\r\n$5\r\nworld\r\n";
+        let mut parser = Parser::new(0, 1);
+        for cut in 0..input.len() {
+            assert!(
+                matches!(parser.parse(&input[..cut]), Ok(false)),
+                "cut at {cut}"
+            );
+        }
+        assert!(matches!(parser.parse(input), Ok(true)));
+        assert_eq!(parser.spans, vec![8..13, 19..24]);
+    }
+
+    #[test]
+    fn errors_nils_and_other_shapes_fall_back() {
+        for input in [
+            &b"-NOPERM no\r\n"[..],
+            b"*-1\r\n",
+            b"*1\r\n$-1\r\n",
+            b"*1\r\n:5\r\n",
+            b"*1\r\n$3\r\nabcd\r\n",
+            b"+OK\r\n",
+        ] {
+            assert_eq!(parsed(0, 1, input), Err(()), "{input:?}");
+        }
+        assert_eq!(parsed(1, 0, b"-WRONGPASS\r\n"), Err(()));
+    }
+
+    #[test]
+    fn from_arrays_keeps_the_shape() {
+        let arrays = vec![
+            vec![b"x".to_vec(), b"yz".to_vec()],
+            vec![],
+            vec![b"".to_vec()],
+        ];
+        let replies = Replies::from_arrays(arrays.clone());
+        let back: Vec<Vec<Vec<u8>>> = replies
+            .arrays()
+            .map(|array| array.map(<[u8]>::to_vec).collect())
+            .collect();
+        assert_eq!(back, arrays);
+    }
+}
