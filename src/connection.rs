@@ -39,6 +39,14 @@ struct ProcessRuntime {
 static CALLING: Mutex<Option<ProcessRuntime>> = Mutex::new(None);
 static BACKGROUND: Mutex<Option<ProcessRuntime>> = Mutex::new(None);
 
+/// Locks `mutex`, also after a panic elsewhere poisoned it: every value kept behind these locks
+/// is whole at all times.
+fn locked<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// This process's runtime of the given flavor, made on first use.
 pub fn runtime(flavor: Flavor) -> &'static Runtime {
     let pid = std::process::id();
@@ -46,7 +54,7 @@ pub fn runtime(flavor: Flavor) -> &'static Runtime {
         Flavor::Calling => &CALLING,
         Flavor::Background => &BACKGROUND,
     };
-    let mut slot = slot.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut slot = locked(slot);
     match &*slot {
         Some(current) if current.pid == pid => current.runtime,
         _ => {
@@ -153,7 +161,7 @@ pub fn forget_after_fork() {
     SYNC_CALLS_WAITING.store(0, Ordering::Relaxed);
     for slot in [&CALLING, &BACKGROUND] {
         // Leaked on purpose, see the module comment.
-        *slot.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = None;
+        *locked(slot) = None;
     }
 }
 
@@ -243,10 +251,7 @@ impl Connection {
     /// An idle bulk connection of this process on the `flavor` runtime, if there is one.
     pub fn take_bulk(&self, flavor: Flavor) -> Option<BulkConnection> {
         let pid = std::process::id();
-        let mut pool = self
-            .bulk_pool(flavor)
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut pool = locked(self.bulk_pool(flavor));
         while let Some((owner, connection)) = pool.pop() {
             if owner == pid {
                 return Some(connection);
@@ -259,10 +264,7 @@ impl Connection {
 
     /// Keeps a bulk connection that answered well for the next unspool.
     pub fn put_bulk(&self, flavor: Flavor, connection: BulkConnection) {
-        let mut pool = self
-            .bulk_pool(flavor)
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut pool = locked(self.bulk_pool(flavor));
         if pool.len() < BULK_IDLE {
             pool.push((std::process::id(), connection));
         }
@@ -271,10 +273,7 @@ impl Connection {
     /// This process's connection manager on the `flavor` runtime; no I/O happens here.
     pub fn manager(&self, flavor: Flavor) -> RedisResult<ConnectionManager> {
         let pid = std::process::id();
-        let mut current = self
-            .slot(flavor)
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut current = locked(self.slot(flavor));
         if let Some(connection) = &*current {
             if connection.pid == pid {
                 return Ok(connection.manager.clone());
@@ -332,21 +331,12 @@ impl Connection {
     pub fn close(&self) {
         let pid = std::process::id();
         for flavor in [Flavor::Calling, Flavor::Background] {
-            let taken = self
-                .slot(flavor)
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .take();
+            let taken = locked(self.slot(flavor)).take();
             match taken {
                 Some(connection) if connection.pid != pid => std::mem::forget(connection),
                 other => drop(other),
             }
-            let idle = std::mem::take(
-                &mut *self
-                    .bulk_pool(flavor)
-                    .lock()
-                    .unwrap_or_else(|poisoned| poisoned.into_inner()),
-            );
+            let idle = std::mem::take(&mut *locked(self.bulk_pool(flavor)));
             for (owner, connection) in idle {
                 if owner == pid {
                     drop(connection);

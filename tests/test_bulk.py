@@ -26,6 +26,18 @@ def bulk_clients(client: redis.Redis) -> list[dict[str, Any]]:
     return [c for c in client.client_list() if c.get("resp") == "2" and c["cmd"] != "client|list"]
 
 
+def acl_user(admin: redis.Redis, name: str, *commands: str) -> None:
+    """An ACL user ``name`` with password ``<name>-pw``, every key and channel, and ``commands``."""
+    admin.acl_setuser(
+        name,
+        enabled=True,
+        passwords=[f"+{name}-pw"],
+        keys=["*"],
+        channels=["*"],
+        commands=list(commands),
+    )
+
+
 def stored(client: redis.Redis, key: str) -> list[str]:
     return [member.decode() for member in client.zrange(key, 0, -1)]
 
@@ -62,14 +74,7 @@ def test_large_and_unicode_messages_span_many_reads(
 def test_the_bulk_connection_logs_in_as_the_url_says(redis_server_factory: Any) -> None:
     server = redis_server_factory("--requirepass", "admin-pw", password="admin-pw")
     with server.client() as admin:
-        admin.acl_setuser(
-            "alice",
-            enabled=True,
-            passwords=["+alice-pw"],
-            keys=["*"],
-            channels=["*"],
-            commands=["+@all"],
-        )
+        acl_user(admin, "alice", "+@all")
         log = replaylog.ReplayLog(f"redis://alice:alice-pw@127.0.0.1:{server.port}/3")
         ts = log.broadcast("ch", "e", "hello")
         assert [m["timestamp"] for m in log.unspool("ch", 0)] == [ts]
@@ -82,14 +87,7 @@ def test_the_bulk_connection_logs_in_as_the_url_says(redis_server_factory: Any) 
 def test_error_replies_read_as_on_the_regular_connection(redis_server_factory: Any) -> None:
     server = redis_server_factory("--requirepass", "admin-pw", password="admin-pw")
     with server.client() as admin:
-        admin.acl_setuser(
-            "bob",
-            enabled=True,
-            passwords=["+bob-pw"],
-            keys=["*"],
-            channels=["*"],
-            commands=["+@all", "-zrangebyscore"],
-        )
+        acl_user(admin, "bob", "+@all", "-zrangebyscore")
         bob = replaylog.ReplayLog(f"redis://bob:bob-pw@127.0.0.1:{server.port}/0")
         bob.broadcast("ch", "e", 1)
         with pytest.raises(replaylog.PermissionDeniedError) as denied:
