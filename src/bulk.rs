@@ -17,9 +17,14 @@ use redis::{ConnectionAddr, ConnectionInfo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
 
-/// The least free space offered to each read: Redis writes up to 64 KB to a client per turn
-/// of its event loop, and larger reads mean fewer system calls.
-const READ_SIZE: usize = 256 * 1024;
+/// The free space offered to reads: from this, doubling as a reply grows, up to `MAX_READ`.
+/// Redis writes up to 64 KB to a client per turn of its event loop; larger reads mean fewer
+/// system calls.
+const FIRST_READ: usize = 16 * 1024;
+const MAX_READ: usize = 1024 * 1024;
+
+/// Redis's own cap on a bulk string (`proto-max-bulk-len`'s default).
+const MAX_BULK: usize = 512 * 1024 * 1024;
 
 /// Arrays of bulk strings, as slices of the one buffer they were read into.
 pub struct Replies {
@@ -61,14 +66,22 @@ impl Replies {
 
 /// Why a request did not come back on this connection.
 pub enum Miss {
-    /// Run it on the regular connection instead.
-    Fallback,
-    /// Redis did not answer in time: the caller's error, as on the regular connection.
-    TimedOut,
+    /// Redis refused something (an error reply, a handshake it did not take) or the reply had
+    /// an unexpected shape: run it on the regular connection, and leave this path alone a while.
+    Refused,
+    /// The connection was dead before any reply came (Redis restarted, an idle connection was
+    /// closed), or it cannot be made here (TLS, a refused connect): run it on the regular one.
+    Unusable,
+    /// Failed past the point where running it again would keep within the timeouts: the
+    /// caller's error, as on the regular connection.
+    Failed(io::Error),
 }
 
-pub fn timed_out() -> io::Error {
-    io::Error::new(io::ErrorKind::TimedOut, "no reply from Redis in time")
+fn timed_out(what: &str) -> Miss {
+    Miss::Failed(io::Error::new(
+        io::ErrorKind::TimedOut,
+        format!("{what} timed out"),
+    ))
 }
 
 enum Stream {
@@ -81,51 +94,52 @@ pub struct BulkConnection {
 }
 
 impl BulkConnection {
-    /// Connects and authenticates as the URL says; TLS URLs are left to the regular connection.
+    /// Connects and logs in as the URL says, all within `timeout`; TLS URLs are left to the
+    /// regular connection.
     pub async fn open(info: &ConnectionInfo, timeout: Duration) -> Result<BulkConnection, Miss> {
-        let connecting = async {
-            Ok::<_, io::Error>(match info.addr() {
-                ConnectionAddr::Tcp(host, port) => {
-                    let stream = TcpStream::connect((host.as_str(), *port)).await?;
-                    stream.set_nodelay(true)?;
-                    Some(Stream::Tcp(stream))
-                }
-                ConnectionAddr::Unix(path) => Some(Stream::Unix(UnixStream::connect(path).await?)),
-                _ => None,
-            })
+        match tokio::time::timeout(timeout, BulkConnection::connect(info)).await {
+            Err(_) => Err(timed_out("connecting to Redis")),
+            Ok(outcome) => outcome,
+        }
+    }
+
+    async fn connect(info: &ConnectionInfo) -> Result<BulkConnection, Miss> {
+        let connected = match info.addr() {
+            ConnectionAddr::Tcp(host, port) => TcpStream::connect((host.as_str(), *port))
+                .await
+                .and_then(|stream| stream.set_nodelay(true).map(|()| Stream::Tcp(stream))),
+            ConnectionAddr::Unix(path) => UnixStream::connect(path).await.map(Stream::Unix),
+            _ => return Err(Miss::Unusable),
         };
-        let stream = match tokio::time::timeout(timeout, connecting).await {
-            Err(_) => return Err(Miss::TimedOut),
-            Ok(Err(_)) | Ok(Ok(None)) => return Err(Miss::Fallback),
-            Ok(Ok(Some(stream))) => stream,
+        let stream = match connected {
+            Ok(stream) => stream,
+            // Quick to tell, and the regular connection reports it as every call does.
+            Err(error) if error.kind() == io::ErrorKind::ConnectionRefused => {
+                return Err(Miss::Unusable)
+            }
+            Err(error) => return Err(Miss::Failed(error)),
         };
         let mut connection = BulkConnection { stream };
         let settings = info.redis_settings();
         let mut handshake = Vec::new();
         let mut answers = 0;
         if let Some(password) = settings.password() {
-            match settings.username() {
-                Some(user) => pack(
-                    &mut handshake,
-                    &[b"AUTH", user.as_bytes(), password.as_bytes()],
-                ),
-                None => pack(&mut handshake, &[b"AUTH", password.as_bytes()]),
-            }
-            answers += 1;
-        }
-        if settings.db() != 0 {
+            // Named user always, as redis-rs's HELLO does: a bare AUTH fails where the default
+            // user has no password.
+            let user = settings.username().unwrap_or("default");
             pack(
                 &mut handshake,
-                &[b"SELECT", settings.db().to_string().as_bytes()],
+                &[b"AUTH", user.as_bytes(), password.as_bytes()],
             );
             answers += 1;
         }
+        if settings.db() != 0 {
+            let db = settings.db().to_string();
+            pack(&mut handshake, &[b"SELECT", db.as_bytes()]);
+            answers += 1;
+        }
         if answers > 0 {
-            let exchange = connection.exchange(&handshake, answers, 0);
-            match tokio::time::timeout(timeout, exchange).await {
-                Err(_) => return Err(Miss::TimedOut),
-                Ok(outcome) => outcome?,
-            };
+            connection.exchange(&handshake, answers, 0).await?;
         }
         Ok(connection)
     }
@@ -141,19 +155,21 @@ impl BulkConnection {
             Stream::Tcp(stream) => stream.write_all(request).await,
             Stream::Unix(stream) => stream.write_all(request).await,
         };
-        written.map_err(|_| Miss::Fallback)?;
+        written.map_err(|_| Miss::Unusable)?;
         let mut parser = Parser::new(simple, arrays);
-        let mut buffer = Vec::with_capacity(READ_SIZE);
+        let mut buffer = Vec::with_capacity(FIRST_READ);
         loop {
-            if buffer.capacity() - buffer.len() < READ_SIZE {
-                buffer.reserve(READ_SIZE.max(buffer.len()));
+            if buffer.capacity() - buffer.len() < FIRST_READ {
+                buffer.reserve(buffer.len().clamp(FIRST_READ, MAX_READ));
             }
             let read = match &mut self.stream {
                 Stream::Tcp(stream) => stream.read_buf(&mut buffer).await,
                 Stream::Unix(stream) => stream.read_buf(&mut buffer).await,
             };
             match read {
-                Ok(0) | Err(_) => return Err(Miss::Fallback),
+                Ok(0) | Err(_) if buffer.is_empty() => return Err(Miss::Unusable),
+                Ok(0) => return Err(Miss::Failed(io::ErrorKind::UnexpectedEof.into())),
+                Err(error) => return Err(Miss::Failed(error)),
                 Ok(_) => {}
             }
             if parser.parse(&buffer)? {
@@ -162,7 +178,7 @@ impl BulkConnection {
         }
         // Bytes past the replies asked for would desynchronise the next request.
         if parser.position != buffer.len() {
-            return Err(Miss::Fallback);
+            return Err(Miss::Refused);
         }
         Ok(Replies {
             buffer,
@@ -215,7 +231,7 @@ impl Parser {
             if self.in_array.is_none() && self.simple_left == 0 && self.ends.len() == self.arrays {
                 return Ok(true);
             }
-            let Some((kind, value, after)) = line(buffer, self.position) else {
+            let Some((kind, value, after)) = line(buffer, self.position)? else {
                 return Ok(false);
             };
             match (kind, self.in_array) {
@@ -227,12 +243,16 @@ impl Parser {
                     self.in_array = Some(count);
                 }
                 (b'$', Some(due)) => {
-                    let end = after + length(value)?;
+                    let size = length(value)?;
+                    if size > MAX_BULK {
+                        return Err(Miss::Refused);
+                    }
+                    let end = after + size;
                     if buffer.len() < end + 2 {
                         return Ok(false);
                     }
                     if &buffer[end..end + 2] != b"\r\n" {
-                        return Err(Miss::Fallback);
+                        return Err(Miss::Refused);
                     }
                     self.spans.push(after..end);
                     self.in_array = Some(due - 1);
@@ -240,19 +260,23 @@ impl Parser {
                     continue;
                 }
                 // An error reply, a nil, or anything else unexpected.
-                _ => return Err(Miss::Fallback),
+                _ => return Err(Miss::Refused),
             }
             self.position = after;
         }
     }
 }
 
-/// The RESP line at `start`: its type byte, its text, and where the next line begins.
-fn line(buffer: &[u8], start: usize) -> Option<(u8, &[u8], usize)> {
-    let rest = buffer.get(start..)?;
-    let end = rest.windows(2).position(|pair| pair == b"\r\n")?;
-    let (&kind, value) = rest[..end].split_first()?;
-    Some((kind, value, start + end + 2))
+/// The RESP line at `start`, if it is all there: its type byte, its text, and where the next
+/// line begins. An empty line is no RESP.
+#[allow(clippy::type_complexity)]
+fn line(buffer: &[u8], start: usize) -> Result<Option<(u8, &[u8], usize)>, Miss> {
+    let rest = &buffer[start..];
+    let Some(end) = rest.windows(2).position(|pair| pair == b"\r\n") else {
+        return Ok(None);
+    };
+    let (&kind, value) = rest[..end].split_first().ok_or(Miss::Refused)?;
+    Ok(Some((kind, value, start + end + 2)))
 }
 
 /// A non-negative length or count; a nil (-1) is not expected here.
@@ -260,7 +284,7 @@ fn length(text: &[u8]) -> Result<usize, Miss> {
     std::str::from_utf8(text)
         .ok()
         .and_then(|text| text.parse().ok())
-        .ok_or(Miss::Fallback)
+        .ok_or(Miss::Refused)
 }
 
 #[cfg(test)]
@@ -317,6 +341,10 @@ mod tests {
     fn errors_nils_and_other_shapes_fall_back() {
         for input in [
             &b"-NOPERM no\r\n"[..],
+            b"*1\r\n$18446744073709551614\r\n",
+            b"*1\r\n$536870913\r\n",
+            b"\r\n",
+            b"*1\r\n\r\n",
             b"*-1\r\n",
             b"*1\r\n$-1\r\n",
             b"*1\r\n:5\r\n",

@@ -188,11 +188,72 @@ struct ProcessConnection {
     manager: ConnectionManager,
 }
 
-/// Idle bulk connections (see `bulk`) of one runtime flavor, each with the pid that made it.
-type BulkPool = Mutex<Vec<(u32, BulkConnection)>>;
+/// The bulk connections (see `bulk`) of one log, runtime flavor and process.
+struct BulkPool {
+    pid: u32,
+    /// Open ones, idle or in use: at most `BULK_MAX`.
+    open: usize,
+    /// The idle ones, each with when it last answered.
+    idle: Vec<(Instant, BulkConnection)>,
+    /// After Redis refused this path (a login, a command), unspools use the regular
+    /// connection until then.
+    resting_until: Option<Instant>,
+}
 
-/// Idle bulk connections kept per log and flavor; more are opened while more unspool at once.
-const BULK_IDLE: usize = 4;
+impl BulkPool {
+    fn new() -> BulkPool {
+        BulkPool {
+            pid: std::process::id(),
+            open: 0,
+            idle: Vec::new(),
+            resting_until: None,
+        }
+    }
+
+    /// This process's pool: after fork, the parent's connections are left alone (see the
+    /// module comment) and forgotten.
+    fn current(&mut self) -> &mut BulkPool {
+        if self.pid != std::process::id() {
+            for (_, connection) in std::mem::replace(self, BulkPool::new()).idle {
+                std::mem::forget(connection);
+            }
+        }
+        self
+    }
+
+    /// Removes idle connections for `close`, to drop once the lock is released.
+    fn drain(&mut self) -> Vec<(Instant, BulkConnection)> {
+        let idle = std::mem::take(&mut self.current().idle);
+        self.open -= idle.len();
+        idle
+    }
+}
+
+/// Bulk connections open at once per log and flavor; past that, unspools share the regular
+/// connection, so sockets stay few however many calls run at once.
+const BULK_MAX: usize = 4;
+/// An idle bulk connection older than this is closed rather than trusted: a NAT or firewall
+/// may have dropped it without a word.
+const BULK_IDLE_MAX: Duration = Duration::from_secs(30);
+/// How long unspools leave the bulk path alone after Redis refused it.
+const BULK_REST: Duration = Duration::from_secs(10);
+
+/// One open bulk connection counted in its pool; dropping the lease (a failed or abandoned
+/// request) uncounts it.
+pub struct BulkLease<'a> {
+    owner: &'a Connection,
+    flavor: Flavor,
+    pid: u32,
+}
+
+impl Drop for BulkLease<'_> {
+    fn drop(&mut self) {
+        let mut pool = locked(self.owner.bulk_pool(self.flavor));
+        if pool.pid == self.pid {
+            pool.open -= 1;
+        }
+    }
+}
 
 /// One multiplexed connection per log, process and runtime flavor, made lazily and shared
 /// by all threads: concurrent calls are pipelined onto it, and it reconnects by itself
@@ -201,8 +262,8 @@ pub struct Connection {
     settings: Settings,
     calling: Mutex<Option<ProcessConnection>>,
     background: Mutex<Option<ProcessConnection>>,
-    calling_bulk: BulkPool,
-    background_bulk: BulkPool,
+    calling_bulk: Mutex<BulkPool>,
+    background_bulk: Mutex<BulkPool>,
     created: Instant,
     /// When the calling-flavor connection last answered, in ms after `created`.
     calling_answered: AtomicU64,
@@ -218,8 +279,8 @@ impl Connection {
             settings,
             calling: Mutex::new(None),
             background: Mutex::new(None),
-            calling_bulk: Mutex::new(Vec::new()),
-            background_bulk: Mutex::new(Vec::new()),
+            calling_bulk: Mutex::new(BulkPool::new()),
+            background_bulk: Mutex::new(BulkPool::new()),
             created: Instant::now(),
             calling_answered: AtomicU64::new(0),
             calling_last_wait_us: AtomicU64::new(0),
@@ -237,7 +298,7 @@ impl Connection {
         }
     }
 
-    fn bulk_pool(&self, flavor: Flavor) -> &BulkPool {
+    fn bulk_pool(&self, flavor: Flavor) -> &Mutex<BulkPool> {
         match flavor {
             Flavor::Calling => &self.calling_bulk,
             Flavor::Background => &self.background_bulk,
@@ -248,26 +309,59 @@ impl Connection {
         self.settings.url.as_str().into_connection_info()
     }
 
-    /// An idle bulk connection of this process on the `flavor` runtime, if there is one.
-    pub fn take_bulk(&self, flavor: Flavor) -> Option<BulkConnection> {
-        let pid = std::process::id();
+    /// A bulk connection to use: an idle one, or leave to open one (`None` inside). `None`
+    /// while the path rests or `BULK_MAX` are in use: the regular connection serves then.
+    pub fn take_bulk(&self, flavor: Flavor) -> Option<(BulkLease<'_>, Option<BulkConnection>)> {
+        let mut expired = Vec::new();
         let mut pool = locked(self.bulk_pool(flavor));
-        while let Some((owner, connection)) = pool.pop() {
-            if owner == pid {
-                return Some(connection);
-            }
-            // A parent's, after fork: see the module comment.
-            std::mem::forget(connection);
+        let pool = pool.current();
+        let now = Instant::now();
+        if pool.resting_until.is_some_and(|until| now < until) {
+            return None;
         }
-        None
+        let lease = BulkLease {
+            owner: self,
+            flavor,
+            pid: pool.pid,
+        };
+        while let Some((answered, connection)) = pool.idle.pop() {
+            if now.duration_since(answered) <= BULK_IDLE_MAX {
+                return Some((lease, Some(connection)));
+            }
+            pool.open -= 1;
+            expired.push(connection);
+        }
+        if pool.open >= BULK_MAX {
+            std::mem::forget(lease);
+            return None;
+        }
+        pool.open += 1;
+        Some((lease, None))
     }
 
     /// Keeps a bulk connection that answered well for the next unspool.
-    pub fn put_bulk(&self, flavor: Flavor, connection: BulkConnection) {
-        let mut pool = locked(self.bulk_pool(flavor));
-        if pool.len() < BULK_IDLE {
-            pool.push((std::process::id(), connection));
+    pub fn put_bulk(&self, lease: BulkLease<'_>, connection: BulkConnection) {
+        let mut pool = locked(self.bulk_pool(lease.flavor));
+        if pool.pid == lease.pid {
+            pool.idle.push((Instant::now(), connection));
+            // Still open: counted until it is closed.
+            std::mem::forget(lease);
         }
+    }
+
+    /// After a bulk connection failed: `refused` rests the path (Redis said no, and would
+    /// again), else the idle ones are closed too (they most likely died with it).
+    pub fn lost_bulk(&self, flavor: Flavor, refused: bool) {
+        let idle = {
+            let mut pool = locked(self.bulk_pool(flavor));
+            if refused {
+                pool.current().resting_until = Some(Instant::now() + BULK_REST);
+                Vec::new()
+            } else {
+                pool.drain()
+            }
+        };
+        drop(idle);
     }
 
     /// This process's connection manager on the `flavor` runtime; no I/O happens here.
@@ -336,14 +430,8 @@ impl Connection {
                 Some(connection) if connection.pid != pid => std::mem::forget(connection),
                 other => drop(other),
             }
-            let idle = std::mem::take(&mut *locked(self.bulk_pool(flavor)));
-            for (owner, connection) in idle {
-                if owner == pid {
-                    drop(connection);
-                } else {
-                    std::mem::forget(connection);
-                }
-            }
+            let idle = locked(self.bulk_pool(flavor)).drain();
+            drop(idle);
         }
     }
 }

@@ -1,11 +1,12 @@
 //! The Redis operations: broadcast, unspool and prune, on the article's key layout.
 
 use std::future::Future;
+use std::io;
 
 use redis::aio::ConnectionManager;
 use redis::{Cmd, Pipeline, RedisError, RedisResult, Script, Value};
 
-use crate::bulk::{timed_out, BulkConnection, Miss, Replies};
+use crate::bulk::{BulkConnection, Miss, Replies};
 use crate::connection::{Connection, Flavor};
 use crate::errors::Failure;
 
@@ -319,8 +320,8 @@ impl Store {
         }
         match self.unspool_in_bulk(flavor, &pipe, requests.len()).await {
             Ok(replies) => return Ok(replies),
-            Err(Miss::TimedOut) => return Err(timed_out().into()),
-            Err(Miss::Fallback) => {}
+            Err(Miss::Failed(error)) => return Err(error.into()),
+            Err(Miss::Refused | Miss::Unusable) => {}
         }
         Ok(Replies::from_arrays(query(&mut manager, &pipe).await?))
     }
@@ -332,25 +333,42 @@ impl Store {
         arrays: usize,
     ) -> Result<Replies, Miss> {
         let settings = self.connection.settings();
-        let mut bulk = match self.connection.take_bulk(flavor) {
-            Some(bulk) => bulk,
-            None => {
-                let info = self
-                    .connection
-                    .connection_info()
-                    .map_err(|_| Miss::Fallback)?;
-                BulkConnection::open(&info, settings.connect_timeout).await?
-            }
+        let Some((lease, idle)) = self.connection.take_bulk(flavor) else {
+            return Err(Miss::Unusable);
         };
         let request = pipe.get_packed_pipeline();
-        let exchange = bulk.exchange(&request, 0, arrays);
-        match tokio::time::timeout(settings.response_timeout, exchange).await {
-            // The connection is dropped: a late reply must not answer the next request.
-            Err(_) => Err(Miss::TimedOut),
-            Ok(Err(miss)) => Err(miss),
-            Ok(Ok(replies)) => {
-                self.connection.put_bulk(flavor, bulk);
+        let outcome = async {
+            let mut bulk = match idle {
+                Some(bulk) => bulk,
+                None => {
+                    let info = self
+                        .connection
+                        .connection_info()
+                        .map_err(|_| Miss::Unusable)?;
+                    BulkConnection::open(&info, settings.connect_timeout).await?
+                }
+            };
+            let exchange = bulk.exchange(&request, 0, arrays);
+            match tokio::time::timeout(settings.response_timeout, exchange).await {
+                // The connection is dropped: a late reply must not answer the next request.
+                Err(_) => Err(Miss::Failed(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the reply timed out",
+                ))),
+                Ok(replies) => replies.map(|replies| (bulk, replies)),
+            }
+        }
+        .await;
+        match outcome {
+            Ok((bulk, replies)) => {
+                self.connection.put_bulk(lease, bulk);
                 Ok(replies)
+            }
+            Err(miss) => {
+                drop(lease);
+                self.connection
+                    .lost_bulk(flavor, matches!(miss, Miss::Refused));
+                Err(miss)
             }
         }
     }
