@@ -25,7 +25,7 @@ use connection::{runtime, Connection, Flavor, Settings};
 use convert::{channel_str, messages_to_python, parse_limit, parse_since, triple, type_name};
 use errors::{python_error, Failure};
 use json::Encoder;
-use store::{Layout, Limits, Outgoing, ReplayRequest, Store};
+use store::{Layout, Limits, Outgoing, ReplayRequest, Store, Uses};
 use subscription::{Delivery, Next, Subscription};
 
 /// `(loop, future)`: run asynchronously and resolve `future` on `loop` with the result.
@@ -107,6 +107,7 @@ impl NativeLog {
         self.dispatch(
             py,
             "broadcast",
+            Uses::Regular,
             aio,
             move |store, _, manager| async move { store.broadcast(manager, &[message]).await },
             |py, timestamps| Ok(timestamps[0].into_pyobject(py)?.into_any().unbind()),
@@ -132,6 +133,7 @@ impl NativeLog {
         self.dispatch(
             py,
             "broadcast_many",
+            Uses::Regular,
             aio,
             move |store, _, manager| async move { store.broadcast(manager, &messages).await },
             |py, timestamps| Ok(timestamps.into_pyobject(py)?.into_any().unbind()),
@@ -157,6 +159,7 @@ impl NativeLog {
         self.dispatch(
             py,
             "unspool",
+            Uses::BulkFirst,
             aio,
             move |store, flavor, manager| async move {
                 store.unspool(flavor, manager, &[request], limit).await
@@ -193,6 +196,7 @@ impl NativeLog {
         self.dispatch(
             py,
             "unspool_many",
+            Uses::BulkFirst,
             aio,
             move |store, flavor, manager| async move {
                 store.unspool(flavor, manager, &requests, limit).await
@@ -229,6 +233,7 @@ impl NativeLog {
         self.dispatch(
             py,
             "replay",
+            Uses::Regular,
             aio,
             move |store, _, manager| async move { store.replay(manager, &[request], limit).await },
             move |py, mut replays| {
@@ -250,6 +255,7 @@ impl NativeLog {
         self.dispatch(
             py,
             "prune_replay_logs",
+            Uses::Regular,
             aio,
             move |store, _, manager| async move { store.prune(manager, expire_ms).await },
             |py, removed| Ok(removed.into_pyobject(py)?.into_any().unbind()),
@@ -369,6 +375,7 @@ impl NativeLog {
         &self,
         py: Python<'_>,
         what: &'static str,
+        uses: Uses,
         aio: Aio<'_>,
         operation: F,
         convert: C,
@@ -388,7 +395,9 @@ impl NativeLog {
         let work = async move {
             let owner = store.clone();
             owner
-                .call(flavor, what, |manager| operation(store, flavor, manager))
+                .call(flavor, what, uses, |manager| {
+                    operation(store, flavor, manager)
+                })
                 .await
         };
         match aio {

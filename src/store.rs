@@ -140,6 +140,15 @@ impl Since {
     }
 }
 
+/// Which connection an operation runs on: the check after a quiet spell and the record of a
+/// live answer are the regular connection's, so they go with it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Uses {
+    Regular,
+    /// The bulk connection, and the regular one only should that fail (unspool).
+    BulkFirst,
+}
+
 pub struct Store {
     connection: Connection,
     pub layout: Layout,
@@ -181,6 +190,7 @@ impl Store {
         &self,
         flavor: Flavor,
         what: &str,
+        uses: Uses,
         operation: F,
     ) -> Result<T, Failure>
     where
@@ -191,18 +201,25 @@ impl Store {
             .connection
             .manager(flavor)
             .map_err(|e| self.failure(&e, what))?;
+        if uses == Uses::Regular {
+            self.check_if_idle(flavor, &mut manager).await;
+        }
+        let outcome = operation(manager).await;
+        if outcome.is_ok() && uses == Uses::Regular {
+            self.connection.answered(flavor);
+        }
+        outcome.map_err(|e| self.failure(&e, what))
+    }
+
+    /// Before a request on the regular connection after a quiet spell (see `needs_check`).
+    async fn check_if_idle(&self, flavor: Flavor, manager: &mut ConnectionManager) {
         if self.connection.needs_check(flavor) {
             // A PING that fails on a dead connection makes the manager connect afresh, so the
             // request itself goes out on a live one: not lost, and never sent twice.
             let mut ping = Pipeline::new();
             ping.cmd("PING");
-            let _ = query::<Value>(&mut manager, &ping).await;
+            let _ = query::<Value>(manager, &ping).await;
         }
-        let outcome = operation(manager).await;
-        if outcome.is_ok() {
-            self.connection.answered(flavor);
-        }
-        outcome.map_err(|e| self.failure(&e, what))
     }
 
     /// A Redis error as the Python exception to raise, with what was being done and where.
@@ -323,7 +340,10 @@ impl Store {
             Err(Miss::Failed(error)) => return Err(error.into()),
             Err(Miss::Refused | Miss::Unusable) => {}
         }
-        Ok(Replies::from_arrays(query(&mut manager, &pipe).await?))
+        self.check_if_idle(flavor, &mut manager).await;
+        let arrays = query(&mut manager, &pipe).await?;
+        self.connection.answered(flavor);
+        Ok(Replies::from_arrays(arrays))
     }
 
     async fn unspool_in_bulk(

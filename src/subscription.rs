@@ -24,7 +24,7 @@ use tokio::time::Instant;
 
 use crate::connection::{runtime, Flavor};
 use crate::errors::Failure;
-use crate::store::{ChannelKeys, ReplayRequest, Since, Store};
+use crate::store::{ChannelKeys, ReplayRequest, Since, Store, Uses};
 
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(1);
 const FIRST_RETRY_DELAY: Duration = Duration::from_millis(20);
@@ -258,7 +258,7 @@ impl Subscription {
             .collect();
         let store = self.store.clone();
         let replays = store
-            .call(Flavor::Background, "subscribe", |manager| {
+            .call(Flavor::Background, "subscribe", Uses::Regular, |manager| {
                 store.replay(manager, &requests, None)
             })
             .await?;

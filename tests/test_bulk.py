@@ -196,3 +196,16 @@ def test_a_forked_child_reads_on_its_own_connection(
     assert os.waitstatus_to_exitcode(status) == 0
     # The parent's connection was left alone by the child.
     assert [m["timestamp"] for m in replay_log.unspool("ch", 0)] == stamps
+
+
+def test_an_unspool_served_in_bulk_leaves_the_regular_connection_to_its_own_check(
+    dedicated_redis: RedisServer,
+) -> None:
+    log = replaylog.ReplayLog(dedicated_redis.url, connect_timeout=0.5, response_timeout=2)
+    log.broadcast("ch", "e", 1)
+    time.sleep(0.2)  # quiet: the regular connection's next request is checked first
+    with dedicated_redis.client() as admin:
+        admin.config_resetstat()
+        assert len(log.unspool("ch", 0)) == 1
+        # The unspool went out in bulk, with no PING for the regular connection.
+        assert "cmdstat_ping" not in admin.info("commandstats")
