@@ -132,19 +132,15 @@ def reply_bytes(admin: redis.Redis, command: list[str], repeat: int) -> float:
     size = len(f"*{len(replies)}\r\n") + sum(
         len(f"${len(reply)}\r\n") + len(reply) + 2 for reply in replies
     )
-    request = b"".join(
-        [f"*{len(command)}\r\n".encode()]
-        + [f"${len(part.encode())}\r\n{part}\r\n".encode() for part in command]
-    )
     kwargs = admin.connection_pool.connection_kwargs
     buffer = memoryview(bytearray(size))
     samples = []
     with socket.create_connection((kwargs["host"], kwargs["port"])) as sock:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if kwargs.get("db"):
-            select = f"*2\r\n$6\r\nSELECT\r\n${len(str(kwargs['db']))}\r\n{kwargs['db']}\r\n"
-            sock.sendall(select.encode())
+            sock.sendall(resp_command(["SELECT", str(kwargs["db"])]))
             sock.recv(16)
+        request = resp_command(command)
         for _ in range(repeat):
             start = time.perf_counter()
             sock.sendall(request)
@@ -153,6 +149,15 @@ def reply_bytes(admin: redis.Redis, command: list[str], repeat: int) -> float:
                 received += sock.recv_into(buffer[received:], size - received)
             samples.append(time.perf_counter() - start)
     return best(samples)
+
+
+def resp_command(parts: list[str]) -> bytes:
+    """One command in RESP, as a client sends it."""
+    encoded = [part.encode() for part in parts]
+    return b"".join(
+        [f"*{len(encoded)}\r\n".encode()]
+        + [b"$%d\r\n%s\r\n" % (len(part), part) for part in encoded]
+    )
 
 
 def unmarshal(objects: Any, repeat: int) -> float:

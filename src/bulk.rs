@@ -77,7 +77,8 @@ pub enum Miss {
     Failed(io::Error),
 }
 
-fn timed_out(what: &str) -> Miss {
+/// `what` took longer than its timeout.
+pub fn timed_out(what: &str) -> Miss {
     Miss::Failed(io::Error::new(
         io::ErrorKind::TimedOut,
         format!("{what} timed out"),

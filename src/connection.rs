@@ -13,8 +13,7 @@ use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::ConnectionInfo;
-use redis::{Client, IntoConnectionInfo, ProtocolVersion, RedisResult};
+use redis::{Client, ConnectionInfo, IntoConnectionInfo, ProtocolVersion, RedisResult};
 use tokio::runtime::Runtime;
 
 use crate::bulk::BulkConnection;
@@ -175,14 +174,6 @@ pub struct Settings {
     pub busy_poll: Duration,
 }
 
-impl Settings {
-    /// The password in the URL, to scrub from any error text.
-    pub fn password(&self) -> Option<String> {
-        let info = self.url.as_str().into_connection_info().ok()?;
-        info.redis_settings().password().map(str::to_owned)
-    }
-}
-
 struct ProcessConnection {
     pid: u32,
     manager: ConnectionManager,
@@ -221,7 +212,7 @@ impl BulkPool {
         self
     }
 
-    /// Removes idle connections for `close`, to drop once the lock is released.
+    /// Removes the idle connections (they count as closed), to drop once the lock is released.
     fn drain(&mut self) -> Vec<(Instant, BulkConnection)> {
         let idle = std::mem::take(&mut self.current().idle);
         self.open -= idle.len();
@@ -260,6 +251,8 @@ impl Drop for BulkLease<'_> {
 /// after Redis restarts.
 pub struct Connection {
     settings: Settings,
+    /// `settings.url`, parsed once.
+    info: ConnectionInfo,
     calling: Mutex<Option<ProcessConnection>>,
     background: Mutex<Option<ProcessConnection>>,
     calling_bulk: Mutex<BulkPool>,
@@ -273,10 +266,11 @@ pub struct Connection {
 
 impl Connection {
     pub fn new(settings: Settings) -> RedisResult<Connection> {
-        // Parse now so a malformed URL fails at construction, not at the first call.
-        settings.url.as_str().into_connection_info()?;
+        // Parsed now, so a malformed URL fails at construction, not at the first call.
+        let info = settings.url.as_str().into_connection_info()?;
         Ok(Connection {
             settings,
+            info,
             calling: Mutex::new(None),
             background: Mutex::new(None),
             calling_bulk: Mutex::new(BulkPool::new()),
@@ -305,8 +299,13 @@ impl Connection {
         }
     }
 
-    pub fn connection_info(&self) -> RedisResult<ConnectionInfo> {
-        self.settings.url.as_str().into_connection_info()
+    pub fn connection_info(&self) -> &ConnectionInfo {
+        &self.info
+    }
+
+    /// The password in the URL, to scrub from any error text.
+    pub fn password(&self) -> Option<&str> {
+        self.info.redis_settings().password()
     }
 
     /// A bulk connection to use: an idle one, or leave to open one (`None` inside). `None`
@@ -385,7 +384,7 @@ impl Connection {
     }
 
     fn build_manager(&self, flavor: Flavor) -> RedisResult<ConnectionManager> {
-        let info = self.settings.url.as_str().into_connection_info()?;
+        let info = self.info.clone();
         // RESP3 lets the manager hear of a disconnect at once and reconnect in the background.
         let redis_settings = info
             .redis_settings()

@@ -1,12 +1,11 @@
 //! The Redis operations: broadcast, unspool and prune, on the article's key layout.
 
 use std::future::Future;
-use std::io;
 
 use redis::aio::ConnectionManager;
 use redis::{Cmd, Pipeline, RedisError, RedisResult, Script, Value};
 
-use crate::bulk::{BulkConnection, Miss, Replies};
+use crate::bulk::{timed_out, BulkConnection, Miss, Replies};
 use crate::connection::{Connection, Flavor};
 use crate::errors::Failure;
 
@@ -162,7 +161,7 @@ pub struct Store {
 
 impl Store {
     pub fn new(connection: Connection, label: String, layout: Layout, limits: Limits) -> Store {
-        let secret = connection.settings().password();
+        let secret = connection.password().map(str::to_owned);
         Store {
             connection,
             layout,
@@ -361,20 +360,14 @@ impl Store {
             let mut bulk = match idle {
                 Some(bulk) => bulk,
                 None => {
-                    let info = self
-                        .connection
-                        .connection_info()
-                        .map_err(|_| Miss::Unusable)?;
-                    BulkConnection::open(&info, settings.connect_timeout).await?
+                    let info = self.connection.connection_info();
+                    BulkConnection::open(info, settings.connect_timeout).await?
                 }
             };
             let exchange = bulk.exchange(&request, 0, arrays);
             match tokio::time::timeout(settings.response_timeout, exchange).await {
                 // The connection is dropped: a late reply must not answer the next request.
-                Err(_) => Err(Miss::Failed(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "the reply timed out",
-                ))),
+                Err(_) => Err(timed_out("the reply")),
                 Ok(replies) => replies.map(|replies| (bulk, replies)),
             }
         }

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use redis::{Client, IntoConnectionInfo, RedisResult};
+use redis::{Client, RedisResult};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -97,11 +97,7 @@ impl Subscription {
         channels: Vec<(String, Option<i64>)>,
     ) -> Result<(Subscription, JoinHandle<()>), Failure> {
         let settings = store.settings().clone();
-        let client = settings
-            .url
-            .as_str()
-            .into_connection_info()
-            .and_then(Client::open)
+        let client = Client::open(store.connection().connection_info().clone())
             .map_err(|e| store.failure(&e, "subscribe"))?;
         let keys: Vec<ChannelKeys> = channels
             .iter()
