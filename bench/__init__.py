@@ -4,5 +4,5 @@
 - ``peer``: replaylog's semantics written in Python as a strong developer would.
 - ``replaylog``: this package.
 
-Run ``python3 -m bench`` from the repository root (``--smoke`` for a tiny CI run).
+Run ``.venv/bin/python -m bench`` from the repository root (``--smoke`` for a tiny CI run).
 """

@@ -1,4 +1,4 @@
-"""Instructions per broadcast, from callgrind: ``python3 -m bench.callgrind [N]``.
+"""Instructions per broadcast, from callgrind: ``.venv/bin/python -m bench.callgrind [N]``.
 
 Runs a loop of N, then 2N, broadcasts of the benchmark's payload under
 ``valgrind --tool=callgrind`` against a redis-server of its own, and prints the difference

@@ -1,4 +1,4 @@
-"""``python3 -m bench``: run every workload on one redis-server, print and record the results."""
+"""``python -m bench`` (from .venv): run every workload on one redis-server, record results."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ HERE = Path(__file__).resolve().parent
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python3 -m bench", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument(
         "--smoke",
         action="store_true",

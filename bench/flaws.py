@@ -1,4 +1,4 @@
-"""What the article's algorithm loses, measured next to replaylog: ``python3 -m bench.flaws``.
+"""What the article's algorithm loses, measured next to replaylog: ``python -m bench.flaws``.
 
 Three workloads, each run on both implementations against one fresh redis-server:
 

@@ -252,7 +252,7 @@ def headline(results: dict[str, Any]) -> str:
         article = ratio(cells.get("article"), cells.get("replaylog"))
         parts.append(f"{label}: {times(peer)} vs peer, {times(article)} vs article")
     return (
-        "Headline (peer or article time / replaylog time, from `python3 -m bench`): "
+        "Headline (peer or article time / replaylog time, from `.venv/bin/python -m bench`): "
         + "; ".join(parts)
         + "."
     )

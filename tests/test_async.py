@@ -63,9 +63,22 @@ class Ticker:
 # --------------------------------------------------------------------------- the event loop
 
 
+async def blocking_stall(replay_log: replaylog.ReplayLog, channel: str) -> float:
+    """The control: the loop's worst stall while 1,000 synchronous broadcasts run on it."""
+    async with Ticker() as ticker:
+        await asyncio.sleep(0.005)
+        for i in range(1000):
+            replay_log.broadcast(channel, "e", {"i": i})
+        await asyncio.sleep(0.005)
+    return ticker.worst
+
+
 def test_event_loop_stays_responsive_with_1000_abroadcasts_in_flight(
     replay_log: replaylog.ReplayLog, rdb: redis.Redis
 ) -> None:
+    # A busy machine only ever adds to a stall, so the best of three rounds is what the code does;
+    # it is compared with the control measured in this same run, not with a number of ms. Were
+    # abroadcast to wait for Redis on the loop, every round would stall as long as the control.
     async def round_(channel: str) -> tuple[float, list[int]]:
         async with Ticker() as ticker:
             results = await asyncio.gather(
@@ -74,14 +87,16 @@ def test_event_loop_stays_responsive_with_1000_abroadcasts_in_flight(
         assert ticker.ticks > 0
         return ticker.worst, list(results)
 
-    async def main() -> list[tuple[float, list[int]]]:
+    async def main() -> tuple[float, list[tuple[float, list[int]]]]:
         await replay_log.abroadcast("warm-up", "e", 0)  # connect before measuring
-        return [await round_(f"loop-{r}") for r in range(3)]
+        control = await blocking_stall(replay_log, "loop-control")
+        return control, [await round_(f"loop-{r}") for r in range(3)]
 
     gc.collect()
-    rounds = asyncio.run(main())
-    for r, (worst, results) in enumerate(rounds):
-        assert worst < 0.020, f"round {r}: the loop stalled {worst * 1000:.1f} ms"
+    control, rounds = asyncio.run(main())
+    best = min(worst for worst, _ in rounds)
+    assert best < control / 4, f"stalled {best * 1e3:.1f} ms; blocking: {control * 1e3:.1f}"
+    for r, (_, results) in enumerate(rounds):
         assert len(set(results)) == 1000
         assert rdb.zcard(f"replay:loop-{r}") == 1000
 
@@ -89,16 +104,11 @@ def test_event_loop_stays_responsive_with_1000_abroadcasts_in_flight(
 def test_the_responsiveness_check_catches_a_blocking_call(
     replay_log: replaylog.ReplayLog,
 ) -> None:
-    """The control: the same 1,000 broadcasts made synchronously on the loop stall it."""
+    """The control stalls the loop for at least 1,000 round trips' worth, however fast Redis is."""
 
     async def main() -> float:
         await replay_log.abroadcast("warm-up", "e", 0)
-        async with Ticker() as ticker:
-            await asyncio.sleep(0.005)
-            for i in range(1000):
-                replay_log.broadcast("blocking", "e", {"i": i})
-            await asyncio.sleep(0.005)
-        return ticker.worst
+        return await blocking_stall(replay_log, "blocking")
 
     assert asyncio.run(main()) >= 0.020
 

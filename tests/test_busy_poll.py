@@ -59,8 +59,12 @@ def test_a_lone_call_polls_instead_of_sleeping(replaylog_url: str, pauser: redis
     polling = replaylog.ReplayLog(replaylog_url, busy_poll_us=POLL_US)
     sleeping = replaylog.ReplayLog(replaylog_url, busy_poll_us=0)
     try:
-        assert sleeps_per_paused_call(broadcaster(polling), pauser) <= 0.3
-        assert sleeps_per_paused_call(broadcaster(sleeping), pauser) >= 1
+        # A loaded machine can make a polling call sleep now and then (preempted past its
+        # budget), and spare a sleeping one its sleep (preempted until the reply is in): the
+        # twins are told apart by how much more the sleeping one sleeps, in the same run.
+        polled = sleeps_per_paused_call(broadcaster(polling), pauser)
+        slept = sleeps_per_paused_call(broadcaster(sleeping), pauser)
+        assert slept >= 0.8 and polled <= slept - 0.5, (polled, slept)
         # Replies read while polling are the same replies.
         stamp = polling.broadcast("room", "message", {"n": 1})
         [message] = polling.unspool("room", stamp - 1)
@@ -92,12 +96,12 @@ def test_no_poll_while_another_thread_waits_on_redis(
         waiter = threading.Thread(target=wait_on_hung)
         waiter.start()
         assert silent_server.got_data.wait(2)
-        assert sleeps_per_paused_call(broadcaster(log), pauser) >= 1
+        assert sleeps_per_paused_call(broadcaster(log), pauser) >= 0.8
         assert waiter.is_alive()
         waiter.join()
         assert errors and isinstance(errors[0], (replaylog.TimeoutError, replaylog.ConnectionError))
         # Alone again: polling is back.
-        assert sleeps_per_paused_call(broadcaster(log), pauser) <= 0.3
+        assert sleeps_per_paused_call(broadcaster(log), pauser) <= 0.5
     finally:
         hung.close()
         log.close()
@@ -108,20 +112,27 @@ def test_replies_slower_than_the_budget_stop_the_polling(
 ) -> None:
     # Past a remote Redis's round trip, polling only burns CPU: after a call that waited longer
     # than the budget, the next one sleeps. Each call here waits out a 50 ms pause; polling 10 ms
-    # on each would burn 60 ms of this thread's CPU, stopping after the first burns about 10.
-    log = replaylog.ReplayLog(replaylog_url, busy_poll_us=POLL_US)
-    call = broadcaster(log)
-    try:
+    # on each would burn 100 ms of this thread's CPU on a quiet machine (50 with half a CPU),
+    # stopping after the first burns about 10. The twin that never polls is the control.
+    def cpu_of_slow_calls(log: replaylog.ReplayLog) -> float:
+        call = broadcaster(log)
         call()
         cpu_before = time.thread_time()
-        for _ in range(6):
+        for _ in range(10):
             pauser.execute_command("CLIENT", "PAUSE", "50", "ALL")
             call()
-        assert time.thread_time() - cpu_before < 0.035
+        return time.thread_time() - cpu_before
+
+    log = replaylog.ReplayLog(replaylog_url, busy_poll_us=POLL_US)
+    never_polls = replaylog.ReplayLog(replaylog_url, busy_poll_us=0)
+    try:
+        extra_cpu = cpu_of_slow_calls(log) - cpu_of_slow_calls(never_polls)
+        assert extra_cpu < 0.030, f"{extra_cpu * 1e3:.1f} ms of CPU spent polling"
         # Replies within the budget turn polling back on.
-        assert sleeps_per_paused_call(call, pauser) <= 0.3
+        assert sleeps_per_paused_call(broadcaster(log), pauser) <= 0.5
     finally:
         log.close()
+        never_polls.close()
 
 
 @pytest.mark.parametrize("value", [-1, 10_001, 1.5, True, "fast", None])
