@@ -172,6 +172,8 @@ pub struct Settings {
     pub response_timeout: Duration,
     /// How long a synchronous call polls for its reply before it sleeps; see [`busy_poll`].
     pub busy_poll: Duration,
+    /// The most payload bytes a subscription buffers for a consumer that lags.
+    pub subscription_buffer_bytes: usize,
 }
 
 struct ProcessConnection {

@@ -1,11 +1,12 @@
 //! Python arguments to Rust values, and Redis replies back to Python objects.
 
-use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::exceptions::{PyRecursionError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyFloat, PyInt, PyList, PyString, PyTuple};
 
 use crate::json;
 use crate::store::Since;
+use crate::subscription::message_timestamp;
 
 pub fn type_name(obj: &Bound<'_, PyAny>) -> String {
     obj.get_type()
@@ -96,19 +97,63 @@ pub fn parse_limit(limit: Option<&Bound<'_, PyAny>>) -> PyResult<Option<u64>> {
     Ok(limit.extract::<i64>().ok().map(|n| n as u64))
 }
 
+/// Stored messages as Python values (dicts, or strs for `raw`), and how many were left out.
+///
+/// A message our decoder refuses is read by `json.loads` instead, as the article's code would
+/// read it. One that neither reads (written by another program) is left out and logged, so
+/// that it never makes the rest of the log unreadable; callers report it as a hole.
 pub fn messages_to_python<'a>(
     py: Python<'_>,
     messages: impl IntoIterator<Item = &'a [u8]>,
     raw: bool,
-) -> PyResult<Bound<'_, PyList>> {
+) -> PyResult<(Bound<'_, PyList>, usize)> {
     let mut decoder = json::Decoder::new(py);
-    let items = messages.into_iter().map(|message| {
-        if raw {
+    let mut unreadable = 0;
+    let list = PyList::empty(py);
+    for message in messages {
+        let item = if raw {
             json::raw_str(py, message).map(Bound::into_any)
         } else {
-            decoder.decode(message)
+            decoder
+                .decode(message)
+                .or_else(|_| json_loads(py, message))
+        };
+        match item {
+            Ok(item) => list.append(item)?,
+            Err(error) if is_unreadable(py, &error) => {
+                unreadable += 1;
+                log_unreadable(py, message, &error)?;
+            }
+            Err(error) => return Err(error),
         }
-    });
-    let items: Vec<Bound<'_, PyAny>> = items.collect::<PyResult<_>>()?;
-    PyList::new(py, items)
+    }
+    Ok((list, unreadable))
+}
+
+/// A stored message as `json.loads` reads it.
+pub fn json_loads<'py>(py: Python<'py>, message: &[u8]) -> PyResult<Bound<'py, PyAny>> {
+    let text = json::raw_str(py, message)?;
+    py.import("json")?.call_method1("loads", (text,))
+}
+
+/// Whether `error` says the text is not JSON (or too deep to read), not that the process is
+/// in trouble (out of memory, interrupted).
+pub fn is_unreadable(py: Python<'_>, error: &PyErr) -> bool {
+    error.is_instance_of::<PyValueError>(py) || error.is_instance_of::<PyRecursionError>(py)
+}
+
+/// Warns on the `replaylog` logger about a stored message that cannot be read: its size and
+/// timestamp, never its content.
+pub fn log_unreadable(py: Python<'_>, message: &[u8], error: &PyErr) -> PyResult<()> {
+    let timestamp = message_timestamp(message)
+        .map_or_else(|| "no timestamp".to_owned(), |ts| format!("timestamp {ts}"));
+    let text = format!(
+        "skipped a stored message that is not valid JSON ({} bytes, {timestamp}): {}",
+        message.len(),
+        error.value(py)
+    );
+    py.import("logging")?
+        .call_method1("getLogger", ("replaylog",))?
+        .call_method1("warning", (text,))?;
+    Ok(())
 }

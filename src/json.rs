@@ -9,8 +9,11 @@ use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
 
-/// Nesting deeper than this is refused; it matches Python's default recursion limit.
+/// Content nested deeper than this is refused; it matches Python's default recursion limit.
 pub const MAX_DEPTH: usize = 1000;
+
+/// What the decoder reads: the deepest content the encoder accepts, inside a message's envelope.
+const MAX_READ_DEPTH: usize = MAX_DEPTH + 1;
 
 /// Writes Python values as JSON into one growing buffer.
 pub struct Encoder<'a, 'py> {
@@ -465,7 +468,7 @@ impl<'py> Parser<'py, '_, '_> {
         &mut self,
         parse: fn(&mut Self) -> PyResult<Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        if self.depth >= MAX_DEPTH {
+        if self.depth >= MAX_READ_DEPTH {
             return Err(self.error("nested too deeply"));
         }
         self.depth += 1;

@@ -22,11 +22,14 @@ use redis::RedisResult;
 use tokio::task::JoinHandle;
 
 use connection::{runtime, Connection, Flavor, Settings};
-use convert::{channel_str, messages_to_python, parse_limit, parse_since, triple, type_name};
+use convert::{
+    channel_str, is_unreadable, json_loads, log_unreadable, messages_to_python, parse_limit,
+    parse_since, triple, type_name,
+};
 use errors::{python_error, Failure};
 use json::Encoder;
 use store::{Layout, Limits, Outgoing, ReplayRequest, Store, Uses};
-use subscription::{Delivery, Next, Subscription};
+use subscription::{message_prev, message_timestamp, Delivery, Next, Subscription};
 
 /// `(loop, future)`: run asynchronously and resolve `future` on `loop` with the result.
 type Aio<'py> = Option<(Bound<'py, PyAny>, Bound<'py, PyAny>)>;
@@ -41,7 +44,8 @@ struct NativeLog {
 impl NativeLog {
     #[new]
     #[pyo3(signature = (
-        url, masked_url, *, connect_timeout, response_timeout, busy_poll_us, channel_prefix,
+        url, masked_url, *, connect_timeout, response_timeout, busy_poll_us,
+        subscription_buffer_bytes, channel_prefix,
         log_prefix, meta_prefix, idempotency_prefix, cluster_keys, expire_ms, max_len,
         idempotency_window_ms
     ))]
@@ -53,6 +57,7 @@ impl NativeLog {
         connect_timeout: f64,
         response_timeout: f64,
         busy_poll_us: u64,
+        subscription_buffer_bytes: usize,
         channel_prefix: String,
         log_prefix: String,
         meta_prefix: String,
@@ -67,6 +72,7 @@ impl NativeLog {
             connect_timeout: seconds(connect_timeout)?,
             response_timeout: seconds(response_timeout)?,
             busy_poll: Duration::from_micros(busy_poll_us),
+            subscription_buffer_bytes,
         };
         let connection = Connection::new(settings).map_err(|e| {
             let reason = e.detail().unwrap_or(e.category()).replace(url, &masked_url);
@@ -166,7 +172,7 @@ impl NativeLog {
             },
             move |py, replies| {
                 let messages = replies.arrays().next().into_iter().flatten();
-                Ok(messages_to_python(py, messages, raw)?.into_any().unbind())
+                Ok(messages_to_python(py, messages, raw)?.0.into_any().unbind())
             },
         )
     }
@@ -204,7 +210,7 @@ impl NativeLog {
             move |py, replies| {
                 let result = PyDict::new(py);
                 for (channel, messages) in channels.into_iter().zip(replies.arrays()) {
-                    result.set_item(channel, messages_to_python(py, messages, raw)?)?;
+                    result.set_item(channel, messages_to_python(py, messages, raw)?.0)?;
                 }
                 Ok(result.into_any().unbind())
             },
@@ -240,8 +246,10 @@ impl NativeLog {
                 let replayed = replays.pop().unwrap_or_default();
                 let epoch = (!replayed.epoch.is_empty()).then_some(replayed.epoch);
                 let messages = replayed.messages.iter().map(Vec::as_slice);
-                let messages = messages_to_python(py, messages, raw)?;
-                Ok((replayed.complete, messages, epoch)
+                let (messages, unreadable) = messages_to_python(py, messages, raw)?;
+                // A message the client cannot read is one it missed.
+                let complete = replayed.complete && unreadable == 0;
+                Ok((complete, messages, epoch)
                     .into_pyobject(py)?
                     .into_any()
                     .unbind())
@@ -585,8 +593,18 @@ fn delivery_to_python(
 ) -> PyResult<Option<Py<PyAny>>> {
     match delivery {
         Delivery::Message { channel, payload } => {
-            let Ok(message) = json::decode(py, &payload) else {
-                return Ok(None);
+            let message = match json::decode(py, &payload).or_else(|_| json_loads(py, &payload)) {
+                Ok(message) => message,
+                // It ends like one of ours (the subscription only delivers those), so it was
+                // meant for this consumer: losing it is a hole, never a silent skip.
+                Err(error) if is_unreadable(py, &error) => {
+                    log_unreadable(py, &payload, &error)?;
+                    let since = message_prev(&payload)
+                        .or_else(|| message_timestamp(&payload).map(|ts| ts - 1))
+                        .unwrap_or(0);
+                    return Err(incomplete_replay(py, &names[channel], since));
+                }
+                Err(error) => return Err(error),
             };
             let Ok(dict) = message.cast::<PyDict>() else {
                 return Ok(None);
@@ -594,12 +612,12 @@ fn delivery_to_python(
             dict.set_item("channel", &names[channel])?;
             Ok(Some(message.unbind()))
         }
-        Delivery::Gap { channel, since } => Err(python_error(
-            py,
-            "IncompleteReplayError",
-            (names[channel].clone(), since),
-        )),
+        Delivery::Gap { channel, since } => Err(incomplete_replay(py, &names[channel], since)),
     }
+}
+
+fn incomplete_replay(py: Python<'_>, channel: &str, since: i64) -> PyErr {
+    python_error(py, "IncompleteReplayError", (channel.to_owned(), since))
 }
 
 fn seconds(value: f64) -> PyResult<Duration> {

@@ -13,6 +13,7 @@
 //! reconnects and subscribes again, and asks for that same catch-up.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,11 +30,17 @@ use crate::store::{ChannelKeys, ReplayRequest, Since, Store, Uses};
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(1);
 const FIRST_RETRY_DELAY: Duration = Duration::from_millis(20);
 
-/// Messages buffered between the pub/sub connection and a consumer that lags. When it is
-/// full the connection is closed (redis-rs would otherwise keep reading into a queue of its
-/// own, without bound); once the consumer has drained half, the subscription is made again
-/// and the log fills the hole, as after any disconnect. Memory stays bounded.
+/// Messages buffered between the pub/sub connection and a consumer that lags; their bytes are
+/// bounded too (`subscription_buffer_bytes`). When either is full the connection is closed
+/// (redis-rs would otherwise keep reading into a queue of its own, and Redis's own output
+/// limit never sees a client that reads eagerly); once the consumer has drained half, the
+/// subscription is made again and the log fills the hole, as after any disconnect.
 const BUFFERED_MESSAGES: usize = 10_000;
+
+/// The messages a catch-up reads from one log in one request: a cursor far behind is read in
+/// pages, each delivered before the next is read, so Redis is never held long and the
+/// consumer's queue stays small.
+const CATCH_UP_PAGE: u64 = 1_000;
 
 /// What the pub/sub task reports.
 enum Event {
@@ -81,6 +88,8 @@ pub struct Subscription {
     keys: Vec<ChannelKeys>,
     positions: Vec<Position>,
     events: mpsc::Receiver<Event>,
+    /// Payload bytes in `events`, added by the listener and taken off here.
+    buffered_bytes: Arc<AtomicUsize>,
     ready: VecDeque<Delivery>,
     /// Set when the log must be read again. A catch-up is never cut short by a wait, and
     /// one that fails (Redis unreachable) is tried again, so nothing is lost either way.
@@ -105,12 +114,17 @@ impl Subscription {
             .collect();
         let pubsub_names: Vec<Vec<u8>> = keys.iter().map(|k| k.pubsub.clone()).collect();
         let (sender, events) = mpsc::channel(BUFFERED_MESSAGES);
+        let buffered_bytes = Arc::new(AtomicUsize::new(0));
         let (first, first_result) = oneshot::channel();
         let listener = runtime(Flavor::Background).spawn(listen(
             client,
             pubsub_names,
             settings.connect_timeout,
-            sender,
+            Buffer {
+                events: sender,
+                bytes: buffered_bytes.clone(),
+                max_bytes: settings.subscription_buffer_bytes,
+            },
             first,
         ));
         let subscribed = first_result.await.unwrap_or_else(|_| {
@@ -137,6 +151,7 @@ impl Subscription {
             keys,
             positions,
             events,
+            buffered_bytes,
             ready: VecDeque::new(),
             catch_up_pending: false,
             retry_delay: FIRST_RETRY_DELAY,
@@ -217,6 +232,8 @@ impl Subscription {
     /// A live message, if it is the one that follows the cursor. One already delivered by a
     /// replay is dropped; any other means a hole, and the log is read again.
     fn accept(&mut self, channel: usize, payload: Vec<u8>) -> Option<Delivery> {
+        self.buffered_bytes
+            .fetch_sub(payload.len(), Ordering::Relaxed);
         // A message without a timestamp is not replaylog's: nothing to order it by.
         let timestamp = message_timestamp(&payload)?;
         let position = &mut self.positions[channel];
@@ -255,10 +272,10 @@ impl Subscription {
         let store = self.store.clone();
         let replays = store
             .call(Flavor::Background, "subscribe", Uses::Regular, |manager| {
-                store.replay(manager, &requests, None)
+                store.replay(manager, &requests, Some(CATCH_UP_PAGE))
             })
             .await?;
-        // Nothing below can fail: the catch-up is done once, wholly.
+        // Nothing below can fail: this page of the catch-up is done once, wholly.
         self.catch_up_pending = false;
         for (channel, replayed) in replays.into_iter().enumerate() {
             let position = &mut self.positions[channel];
@@ -278,6 +295,11 @@ impl Subscription {
                 position.cursor = Some(latest);
                 continue;
             }
+            // A full page: the rest is read once this one is delivered (live messages
+            // meanwhile do not follow the cursor, so they wait in the log too).
+            if replayed.messages.len() as u64 == CATCH_UP_PAGE {
+                self.catch_up_pending = true;
+            }
             for payload in replayed.messages {
                 if let Some(timestamp) = message_timestamp(&payload) {
                     position.cursor = Some(timestamp);
@@ -295,9 +317,10 @@ async fn listen(
     client: Client,
     pubsub_names: Vec<Vec<u8>>,
     connect_timeout: Duration,
-    events: mpsc::Sender<Event>,
+    buffer: Buffer,
     first: oneshot::Sender<RedisResult<()>>,
 ) {
+    let events = &buffer.events;
     let index: HashMap<Vec<u8>, usize> = pubsub_names
         .iter()
         .enumerate()
@@ -343,9 +366,19 @@ async fn listen(
             let Some(&channel) = index.get(message.get_channel_name().as_bytes()) else {
                 continue;
             };
-            let payload = message.get_payload_bytes().to_vec();
+            let payload = message.get_payload_bytes();
+            // One message larger than the bound still goes through an empty queue.
+            let held = buffer.bytes.load(Ordering::Relaxed);
+            if held > 0 && held + payload.len() > buffer.max_bytes {
+                overflowed = true;
+                break;
+            }
+            let size = payload.len();
+            let payload = payload.to_vec();
             match events.try_send(Event::Message { channel, payload }) {
-                Ok(()) => {}
+                Ok(()) => {
+                    buffer.bytes.fetch_add(size, Ordering::Relaxed);
+                }
                 Err(mpsc::error::TrySendError::Full(_)) => {
                     overflowed = true;
                     break;
@@ -357,12 +390,27 @@ async fn listen(
         // consumer has room), then catch up.
         drop(messages);
         drop(pubsub);
-        while overflowed && events.capacity() < BUFFERED_MESSAGES / 2 {
+        while overflowed && !buffer.has_room() {
             if events.is_closed() {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+}
+
+/// The listener's side of the queue to the consumer, with the bytes it holds.
+struct Buffer {
+    events: mpsc::Sender<Event>,
+    bytes: Arc<AtomicUsize>,
+    max_bytes: usize,
+}
+
+impl Buffer {
+    /// Whether the consumer has drained half of what the queue holds, in count and bytes.
+    fn has_room(&self) -> bool {
+        self.events.capacity() >= BUFFERED_MESSAGES / 2
+            && self.bytes.load(Ordering::Relaxed) <= self.max_bytes / 2
     }
 }
 
@@ -380,7 +428,7 @@ pub fn message_timestamp(payload: &[u8]) -> Option<i64> {
 
 /// The `prev` of a message replaylog stored, from its exact tail `,"prev":P,"timestamp":T}`;
 /// None on the first of a history and on others' messages.
-fn message_prev(payload: &[u8]) -> Option<i64> {
+pub fn message_prev(payload: &[u8]) -> Option<i64> {
     message_timestamp(payload)?;
     let (before, _) = trailing_digits(payload.strip_suffix(b"}")?)?;
     let (before, prev) = trailing_digits(before.strip_suffix(b",\"timestamp\":")?)?;

@@ -247,15 +247,16 @@ DEEP_SCRIPT = textwrap.dedent(
         except (ValueError, RecursionError) as exc:
             results[name] = type(exc).__name__
 
-    for name, call in (
-        ("decode", lambda: decode_json("[" * N + "]" * N)),
-        ("unspool-legacy", lambda: replaylog.unspool("deep-legacy", 0)[0]["content"]),
-    ):
+    for name, call in (("decode", lambda: decode_json("[" * N + "]" * N)),):
         try:
             value = call()
             results[name] = "correct" if depth_ok(value) else "wrong value"
         except (ValueError, RecursionError) as exc:
             results[name] = type(exc).__name__
+
+    # Too deep to read: left out of the log's messages, which stay readable, and reported.
+    results["unspool-legacy"] = replaylog.unspool("deep-legacy", 0)
+    results["replay-complete"] = replaylog.replay("deep-legacy", 0).complete
 
     # The process is still healthy.
     ts = replaylog.broadcast("deep-after", "e", [[[1]]])
@@ -281,7 +282,7 @@ def test_200000_levels_of_nesting_raise_without_crashing(
     for name in ("broadcast-list", "broadcast-dict", "encode-list", "encode-dict"):
         assert out[name] in raised, (name, out[name])
     assert out["decode"] in raised | {"correct"}
-    assert out["unspool-legacy"] in raised | {"correct"}
+    assert out["unspool-legacy"] == [] and out["replay-complete"] is False
     assert out["after"] is True
     assert rdb.exists("replay:deep") == 0
     assert [ch for ch, _ in published] == [b"mq:deep-after"]

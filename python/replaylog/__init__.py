@@ -10,9 +10,9 @@ import atexit
 import os
 import threading
 from collections.abc import Iterable, Mapping
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, Optional
 
-from . import _settings
+from . import _paging, _settings
 from ._errors import (
     ConfigurationError,
     ConnectionError,
@@ -25,6 +25,7 @@ from ._errors import (
     TimeoutError,
 )
 from ._native import NativeLog, shutdown
+from ._paging import Replay
 from ._subscription import AsyncSubscription, Since, Subscription, subscription_requests
 
 __all__ = [
@@ -70,7 +71,8 @@ class ReplayLog:
     ``REPLAYLOG_URL``, ``EXPIRE_REPLAY_LOGS_MS``, ``REPLAYLOG_CONNECT_TIMEOUT``,
     ``REPLAYLOG_RESPONSE_TIMEOUT``, ``REPLAYLOG_BUSY_POLL_US``, ``REPLAYLOG_CHANNEL_PREFIX``,
     ``REPLAYLOG_LOG_PREFIX``, ``REPLAYLOG_META_PREFIX``, ``REPLAYLOG_IDEMPOTENCY_PREFIX``,
-    ``REPLAYLOG_MAX_LEN``, ``REPLAYLOG_CLUSTER_KEYS`` and ``REPLAYLOG_IDEMPOTENCY_WINDOW_MS``
+    ``REPLAYLOG_MAX_LEN``, ``REPLAYLOG_CLUSTER_KEYS``, ``REPLAYLOG_IDEMPOTENCY_WINDOW_MS``,
+    ``REPLAYLOG_SUBSCRIPTION_BUFFER_BYTES`` and ``REPLAYLOG_REPLAY_LIMIT``
     (see the README).
     ``expire_ms`` left as ``None`` is looked up again at each prune, so a changed setting counts.
     """
@@ -90,6 +92,8 @@ class ReplayLog:
         max_len: int | None = None,
         cluster_keys: bool | None = None,
         idempotency_window_ms: int | None = None,
+        subscription_buffer_bytes: int | None = None,
+        replay_limit: int | None = None,
         default: Default = None,
     ) -> None:
         resolve = _settings.resolve
@@ -121,6 +125,16 @@ class ReplayLog:
         self.idempotency_window_ms: int = resolve(
             "REPLAYLOG_IDEMPOTENCY_WINDOW_MS", idempotency_window_ms, _settings.as_expire_ms
         )
+        # A subscription whose consumer lags holds at most this much (and 10,000 messages),
+        # then lets go of its connection and reads the log once the consumer catches up.
+        self.subscription_buffer_bytes: int = resolve(
+            "REPLAYLOG_SUBSCRIPTION_BUFFER_BYTES",
+            subscription_buffer_bytes,
+            _settings.as_positive_int,
+        )
+        self.replay_limit: int = resolve(
+            "REPLAYLOG_REPLAY_LIMIT", replay_limit, _settings.as_positive_int
+        )
         if self.log_prefix == self.meta_prefix or self.log_prefix == self.idempotency_prefix:
             raise ConfigurationError(
                 "log_prefix must differ from meta_prefix and idempotency_prefix"
@@ -134,6 +148,7 @@ class ReplayLog:
             connect_timeout=self.connect_timeout,
             response_timeout=self.response_timeout,
             busy_poll_us=self.busy_poll_us,
+            subscription_buffer_bytes=self.subscription_buffer_bytes,
             channel_prefix=self.channel_prefix,
             log_prefix=self.log_prefix,
             meta_prefix=self.meta_prefix,
@@ -203,9 +218,11 @@ class ReplayLog:
     ) -> list[Any]:
         """The messages of ``channel`` with a timestamp greater than ``since``, oldest first.
 
-        With ``raw=True`` the stored JSON strings come back untouched, ready to forward.
+        With ``raw=True`` the stored JSON strings come back untouched, ready to forward. At
+        most ``limit`` (default: the ``replay_limit`` setting) come back, read in pages; use
+        :meth:`replay` to learn whether more remain.
         """
-        return self._native.unspool(channel, since, raw, limit)
+        return self._read(channel, since, raw, limit, None, verdict=False).messages
 
     def replay(
         self,
@@ -222,11 +239,11 @@ class ReplayLog:
         trimmed by ``max_len``, expired with its key, or lost to ``FLUSHALL`` or a restart.
         The client should then reload its state instead of trusting the replay. A client that
         kept the ``epoch`` of its last replay may pass it: a different epoch means the log's
-        history was lost and replaced, and the replay is incomplete.
+        history was lost and replaced, and the replay is incomplete. ``more`` is True when
+        ``limit`` (default: the ``replay_limit`` setting) cut it short: replay again from the
+        last message's timestamp.
         """
-        _check_epoch(epoch)
-        complete, messages, current_epoch = self._native.replay(channel, since, raw, limit, epoch)
-        return Replay(messages, complete, current_epoch)
+        return self._read(channel, since, raw, limit, epoch, verdict=True)
 
     def unspool_many(
         self,
@@ -235,8 +252,15 @@ class ReplayLog:
         raw: bool = False,
         limit: int | None = None,
     ) -> dict[str, list[Any]]:
-        """:meth:`unspool` for many ``{channel: since}`` at once, in one round trip."""
-        return self._native.unspool_many(_cursor_pairs(cursors), raw, limit)
+        """:meth:`unspool` for many ``{channel: since}`` at once, in one round trip (a channel
+        with more than a page to read goes on with its own requests)."""
+        limit = _paging.check_limit(limit, self.replay_limit)
+        page = min(limit, _paging.PAGE) + 1
+        result = self._native.unspool_many(_cursor_pairs(cursors), raw, page)
+        for channel, messages in result.items():
+            if len(messages) == page:
+                result[channel] = self.unspool(channel, cursors[channel], raw=raw, limit=limit)
+        return result
 
     def prune_replay_logs(self, expire_ms: int | None = None) -> int:
         """Trim entries older than ``expire_ms`` (default: the setting) from every log.
@@ -294,7 +318,7 @@ class ReplayLog:
         limit: int | None = None,
     ) -> list[Any]:
         """:meth:`unspool` without blocking the event loop."""
-        return await _run_async(self._native.unspool, channel, since, raw, limit)
+        return (await self._aread(channel, since, raw, limit, None, verdict=False)).messages
 
     async def aunspool_many(
         self,
@@ -304,7 +328,15 @@ class ReplayLog:
         limit: int | None = None,
     ) -> dict[str, list[Any]]:
         """:meth:`unspool_many` without blocking the event loop."""
-        return await _run_async(self._native.unspool_many, _cursor_pairs(cursors), raw, limit)
+        limit = _paging.check_limit(limit, self.replay_limit)
+        page = min(limit, _paging.PAGE) + 1
+        result = await _run_async(self._native.unspool_many, _cursor_pairs(cursors), raw, page)
+        for channel, messages in result.items():
+            if len(messages) == page:
+                result[channel] = await self.aunspool(
+                    channel, cursors[channel], raw=raw, limit=limit
+                )
+        return result
 
     async def areplay(
         self,
@@ -316,11 +348,7 @@ class ReplayLog:
         epoch: str | None = None,
     ) -> Replay:
         """:meth:`replay` without blocking the event loop."""
-        _check_epoch(epoch)
-        complete, messages, current_epoch = await _run_async(
-            self._native.replay, channel, since, raw, limit, epoch
-        )
-        return Replay(messages, complete, current_epoch)
+        return await self._aread(channel, since, raw, limit, epoch, verdict=True)
 
     async def aprune_replay_logs(self, expire_ms: int | None = None) -> int:
         """:meth:`prune_replay_logs` without blocking the event loop."""
@@ -329,6 +357,37 @@ class ReplayLog:
     def close(self) -> None:
         """Drop this log's connection; the next call opens a new one."""
         self._native.close()
+
+    def _read(
+        self, channel: str, since: Any, raw: bool, limit: Any, epoch: Any, *, verdict: bool
+    ) -> Replay:
+        """Reads in pages: each with its verdict (a script) for ``replay``; else as ``unspool``
+        always did, a plain range read, on the bulk connection when it can."""
+        native = self._native
+
+        def read(since: Any, n: int, epoch: str | None) -> _paging.Page:
+            if verdict:
+                return native.replay(channel, since, raw, n, epoch)
+            return True, native.unspool(channel, since, raw, n), None
+
+        return _paging.run(self._pages(since, limit, epoch), read)
+
+    async def _aread(
+        self, channel: str, since: Any, raw: bool, limit: Any, epoch: Any, *, verdict: bool
+    ) -> Replay:
+        """:meth:`_read` without blocking the event loop."""
+        native = self._native
+
+        async def read(since: Any, n: int, epoch: str | None) -> _paging.Page:
+            if verdict:
+                return await _run_async(native.replay, channel, since, raw, n, epoch)
+            return True, await _run_async(native.unspool, channel, since, raw, n), None
+
+        return await _paging.arun(self._pages(since, limit, epoch), read)
+
+    def _pages(self, since: Any, limit: Any, epoch: Any) -> _paging.Pages:
+        _check_epoch(epoch)
+        return _paging.pages(since, _paging.check_limit(limit, self.replay_limit), epoch)
 
     def _prune_expiry(self, expire_ms: int | None) -> int:
         if expire_ms is None:
@@ -353,17 +412,6 @@ async def _run_async(method: Callable[..., None], *args: Any) -> Any:
     future = loop.create_future()
     method(*args, aio=(loop, future))
     return await future
-
-
-class Replay(NamedTuple):
-    """What :meth:`ReplayLog.replay` returns."""
-
-    messages: list[Any]
-    """The messages after the cursor, oldest first, as :meth:`ReplayLog.unspool` gives them."""
-    complete: bool
-    """False when some message after the cursor was removed before it could be replayed."""
-    epoch: str | None = None
-    """Names this log's history; None for a log without replaylog's bookkeeping."""
 
 
 _default_log: ReplayLog | None = None

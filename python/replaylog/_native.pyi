@@ -16,6 +16,7 @@ class NativeLog:
         connect_timeout: float,
         response_timeout: float,
         busy_poll_us: int,
+        subscription_buffer_bytes: int,
         channel_prefix: str,
         log_prefix: str,
         meta_prefix: str,

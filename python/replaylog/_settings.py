@@ -20,6 +20,12 @@ DEFAULT_IDEMPOTENCY_WINDOW_MS = 300_000
 # A local Redis answers a broadcast in a few dozen µs; see ReplayLog's busy_poll_us.
 DEFAULT_BUSY_POLL_US = 200
 MAX_BUSY_POLL_US = 10_000
+# Bytes a subscription holds for a consumer that lags before it lets go and reads the log
+# later: the default of Redis's own soft limit for pub/sub clients.
+DEFAULT_SUBSCRIPTION_BUFFER_BYTES = 8 * 1024 * 1024
+# Messages one unspool or replay returns when it is given no limit: a client's cursor must not
+# make one call read a million entries.
+DEFAULT_REPLAY_LIMIT = 10_000
 
 # setting name -> (environment variable, default)
 SETTINGS: dict[str, tuple[str, Any]] = {
@@ -38,6 +44,11 @@ SETTINGS: dict[str, tuple[str, Any]] = {
         "REPLAYLOG_IDEMPOTENCY_WINDOW_MS",
         DEFAULT_IDEMPOTENCY_WINDOW_MS,
     ),
+    "REPLAYLOG_SUBSCRIPTION_BUFFER_BYTES": (
+        "REPLAYLOG_SUBSCRIPTION_BUFFER_BYTES",
+        DEFAULT_SUBSCRIPTION_BUFFER_BYTES,
+    ),
+    "REPLAYLOG_REPLAY_LIMIT": ("REPLAYLOG_REPLAY_LIMIT", DEFAULT_REPLAY_LIMIT),
 }
 
 
@@ -102,6 +113,17 @@ def as_expire_ms(name: str, value: Any) -> int:
         )
     if value > MAX_SETTING:
         raise ConfigurationError(f"{name} must be at most {MAX_SETTING}, got {value!r}")
+    return value
+
+
+def as_positive_int(name: str, value: Any) -> int:
+    """A positive integer (a count, a size in bytes); numeric strings are accepted."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_SETTING:
+        raise ConfigurationError(
+            f"{name} must be a positive integer up to {MAX_SETTING}, got {value!r}"
+        )
     return value
 
 

@@ -465,6 +465,12 @@ MALFORMED = [
     ("REPLAYLOG_BUSY_POLL_US", 10_001, "replaylog.E013"),
     ("REPLAYLOG_BUSY_POLL_US", 1.5, "replaylog.E013"),
     ("REPLAYLOG_BUSY_POLL_US", True, "replaylog.E013"),
+    ("REPLAYLOG_SUBSCRIPTION_BUFFER_BYTES", 0, "replaylog.E014"),
+    ("REPLAYLOG_SUBSCRIPTION_BUFFER_BYTES", "8 MB", "replaylog.E014"),
+    ("REPLAYLOG_SUBSCRIPTION_BUFFER_BYTES", True, "replaylog.E014"),
+    ("REPLAYLOG_REPLAY_LIMIT", -1, "replaylog.E015"),
+    ("REPLAYLOG_REPLAY_LIMIT", 1.5, "replaylog.E015"),
+    ("REPLAYLOG_REPLAY_LIMIT", None, "replaylog.E015"),
 ]
 
 

@@ -77,6 +77,8 @@ _CONVERTERS: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "REPLAYLOG_CLUSTER_KEYS": ("replaylog.E010", _settings.as_bool),
     "REPLAYLOG_IDEMPOTENCY_WINDOW_MS": ("replaylog.E011", _settings.as_expire_ms),
     "REPLAYLOG_BUSY_POLL_US": ("replaylog.E013", _settings.as_busy_poll_us),
+    "REPLAYLOG_SUBSCRIPTION_BUFFER_BYTES": ("replaylog.E014", _settings.as_positive_int),
+    "REPLAYLOG_REPLAY_LIMIT": ("replaylog.E015", _settings.as_positive_int),
 }
 _COMBINATION_ID = "replaylog.E012"
 
