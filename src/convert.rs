@@ -114,9 +114,7 @@ pub fn messages_to_python<'a>(
         let item = if raw {
             json::raw_str(py, message).map(Bound::into_any)
         } else {
-            decoder
-                .decode(message)
-                .or_else(|_| json_loads(py, message))
+            decoder.decode(message).or_else(|_| json_loads(py, message))
         };
         match item {
             Ok(item) => list.append(item)?,
