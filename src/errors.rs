@@ -53,6 +53,18 @@ impl Failure {
         }
     }
 
+    /// Says, for a write cut off by a timeout or a lost connection, that it may have been
+    /// stored and published, and what to do about it.
+    pub fn with_outcome_unknown(self) -> Failure {
+        const UNKNOWN: &str = "; the outcome is unknown: the message may have been stored and \
+            published, so retry with the same idempotency_key to publish it at most once";
+        match self {
+            Failure::Connection(m) => Failure::Connection(m + UNKNOWN),
+            Failure::Timeout(m) => Failure::Timeout(m + UNKNOWN),
+            other => other,
+        }
+    }
+
     pub fn into_pyerr(self, py: Python<'_>) -> PyErr {
         let (class, message, code) = match self {
             Failure::Connection(m) => ("ConnectionError", m, None),

@@ -224,7 +224,14 @@ impl Store {
     /// A Redis error as the Python exception to raise, with what was being done and where.
     pub fn failure(&self, error: &RedisError, what: &str) -> Failure {
         let context = format!("{what} on {}", self.label);
-        Failure::from_redis(error, &context, self.secret.as_deref())
+        let failure = Failure::from_redis(error, &context, self.secret.as_deref());
+        // A write that timed out or lost its connection may have run all the same; only a
+        // refused connection says that nothing was sent.
+        let writes = matches!(what, "broadcast" | "broadcast_many");
+        if writes && !error.is_connection_refusal() {
+            return failure.with_outcome_unknown();
+        }
+        failure
     }
 
     pub fn connection(&self) -> &Connection {
