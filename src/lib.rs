@@ -262,7 +262,7 @@ impl NativeLog {
     fn prune(&self, py: Python<'_>, expire_ms: i64, aio: Aio<'_>) -> PyResult<Py<PyAny>> {
         self.dispatch(
             py,
-            "prune_replay_logs",
+            store::PRUNE,
             Uses::Regular,
             aio,
             move |store, _, manager| async move { store.prune(manager, expire_ms).await },

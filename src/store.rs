@@ -1,6 +1,7 @@
 //! The Redis operations: broadcast, unspool and prune, on the article's key layout.
 
 use std::future::Future;
+use std::io;
 
 use redis::aio::ConnectionManager;
 use redis::{Cmd, Pipeline, RedisError, RedisResult, Script, Value};
@@ -15,6 +16,12 @@ const REPLAY_LUA: &str = include_str!("lua/replay.lua");
 /// Keys SCAN looks at per step: enough to amortize the round trip, few enough that
 /// no step holds Redis for more than a fraction of a millisecond.
 const SCAN_COUNT: usize = 1000;
+/// Turns of the runtime that carry a closed socket's EOF to the connection manager: the I/O
+/// driver wakes the connection's task, which reports the disconnect to the manager's task,
+/// which starts a new connection. One more for good measure.
+const CHECK_YIELDS: usize = 4;
+/// The one operation of many round trips, each bounded on its own.
+pub const PRUNE: &str = "prune_replay_logs";
 
 /// One message, serialized and ready to send.
 pub struct Outgoing {
@@ -182,9 +189,9 @@ impl Store {
     }
 
     /// Runs one operation on this log's connection for the runtime `flavor` (the one polling
-    /// this future). Every wait inside is bounded: each connection attempt by the connect
-    /// timeout, each request by the response timeout (so a prune of many round trips may
-    /// take as long as the keyspace needs).
+    /// this future). The whole call gets `connect_timeout` (to connect and log in, when it
+    /// must) plus one `response_timeout`, never more; a prune, many round trips, gets that
+    /// for each of them.
     pub async fn call<T, F, Fut>(
         &self,
         flavor: Flavor,
@@ -196,14 +203,27 @@ impl Store {
         F: FnOnce(ConnectionManager) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
     {
-        let mut manager = self
+        let manager = self
             .connection
             .manager(flavor)
             .map_err(|e| self.failure(&e, what))?;
         if uses == Uses::Regular {
-            self.check_if_idle(flavor, &mut manager).await;
+            self.check_if_idle(flavor).await;
         }
-        let outcome = operation(manager).await;
+        let outcome = if what == PRUNE {
+            operation(manager).await
+        } else {
+            let settings = self.settings();
+            let budget = settings.connect_timeout + settings.response_timeout;
+            tokio::time::timeout(budget, operation(manager))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(RedisError::from(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "no answer within connect_timeout + response_timeout",
+                    )))
+                })
+        };
         if outcome.is_ok() && uses == Uses::Regular {
             self.connection.answered(flavor);
         }
@@ -211,13 +231,14 @@ impl Store {
     }
 
     /// Before a request on the regular connection after a quiet spell (see `needs_check`).
-    async fn check_if_idle(&self, flavor: Flavor, manager: &mut ConnectionManager) {
+    async fn check_if_idle(&self, flavor: Flavor) {
         if self.connection.needs_check(flavor) {
-            // A PING that fails on a dead connection makes the manager connect afresh, so the
-            // request itself goes out on a live one: not lost, and never sent twice.
-            let mut ping = Pipeline::new();
-            ping.cmd("PING");
-            let _ = query::<Value>(manager, &ping).await;
+            // Let the connection's own task read what the socket holds: a connection that
+            // Redis closed (a restart, CLIENT KILL, a timeout) shows as EOF without a round
+            // trip, and the manager connects afresh before the request goes out.
+            for _ in 0..CHECK_YIELDS {
+                tokio::task::yield_now().await;
+            }
         }
     }
 
@@ -346,7 +367,7 @@ impl Store {
             Err(Miss::Failed(error)) => return Err(error.into()),
             Err(Miss::Refused | Miss::Unusable) => {}
         }
-        self.check_if_idle(flavor, &mut manager).await;
+        self.check_if_idle(flavor).await;
         let arrays = query(&mut manager, &pipe).await?;
         self.connection.answered(flavor);
         Ok(Replies::from_arrays(arrays))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
 import time
 from typing import Any
@@ -319,3 +320,42 @@ def test_a_refused_connection_is_not_called_unknown(closed_port: int) -> None:
     with pytest.raises(replaylog.ConnectionError) as info:
         log.broadcast("ch", "e", 1)
     assert "unknown" not in str(info.value)
+
+
+# --------------------------------------------------------------------------- 6. one budget a call
+
+
+def test_after_a_quiet_spell_a_hung_redis_costs_one_response_timeout(
+    dedicated_redis: Any,
+) -> None:
+    # Before: the idle check's PING waited a full timeout, then the request another.
+    log = replaylog.ReplayLog(dedicated_redis.url, connect_timeout=1.0, response_timeout=1.0)
+    try:
+        log.broadcast("ch", "e", "warm-up")
+        time.sleep(0.3)  # quiet: the next call checks its connection first
+        dedicated_redis.proc.send_signal(signal.SIGSTOP)
+        started = time.monotonic()
+        with pytest.raises(replaylog.TimeoutError):
+            log.broadcast("ch", "e", "hung")
+        # One response timeout; two would be 2 s. (A busy machine only adds a little.)
+        assert time.monotonic() - started < 1.6
+    finally:
+        dedicated_redis.proc.send_signal(signal.SIGCONT)
+        log.close()
+
+
+def test_a_server_that_never_answers_costs_at_most_connect_plus_response_timeout(
+    silent_server: Any,
+) -> None:
+    # Before: the second call took twice the budget (a login retried, then the request).
+    log = replaylog.ReplayLog(
+        f"redis://127.0.0.1:{silent_server.port}/0", connect_timeout=1.0, response_timeout=1.0
+    )
+    try:
+        for _ in range(2):
+            started = time.monotonic()
+            with pytest.raises(replaylog.ConnectionError):
+                log.broadcast("ch", "e", 1)
+            assert time.monotonic() - started < 2.6  # the budget is 2 s
+    finally:
+        log.close()
