@@ -490,6 +490,24 @@ def test_async_form_waits_for_the_transaction_around_it(
     assert len(live.take()) == 1
 
 
+@transactional
+def test_async_form_logs_a_failure_and_does_not_raise(
+    own_redis: DedicatedRedis, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    log = replaylog.ReplayLog(own_redis.url)
+    own_redis.stop()
+
+    pending = asyncio.run(log.abroadcast_on_commit(ROOM, EVENT, {"text": "secret"}))
+
+    assert pending.timestamp is None
+    records = [record for record in caplog.records if record.name == LOGGER]
+    assert [record.levelname for record in records] == ["WARNING", "ERROR"]
+    assert all(record.channel == ROOM for record in records)  # type: ignore[attr-defined]
+    assert "secret" not in "\n".join(logging.Formatter().format(record) for record in records)
+    log.close()
+
+
 # --- asserting what a view broadcast, in tests whose transaction never commits ------------------
 
 
