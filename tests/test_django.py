@@ -1,10 +1,10 @@
 """Django integration, used as a Django project would use it.
 
-The tests live in tests/djangoproject/suite.py, next to the tiny project they exercise. They run
+The tests live in tests/djangoproject/suite*.py, next to the tiny project they exercise. They run
 once, in a separate pytest process with ``DJANGO_SETTINGS_MODULE=djangoproject.settings``: Django
 settings, once configured, cannot be unconfigured, and a configured Django changes how replaylog
-resolves its settings for every other test in this process. Each test function of the suite is then
-reported here as its own test, with the inner failure as its message.
+resolves its settings for every other test in this process. Each test function of the suites is
+then reported here as its own test, with the inner failure as its message.
 """
 
 from __future__ import annotations
@@ -21,10 +21,12 @@ from pathlib import Path
 import pytest
 
 HERE = Path(__file__).resolve().parent
-SUITE = HERE / "djangoproject" / "suite.py"
+# suite.py, suite_on_commit.py, ...: run as test_djangoproject.py, test_djangoproject_on_commit.py
+SUITES = sorted((HERE / "djangoproject").glob("suite*.py"))
 SUITE_TESTS = [
     node.name
-    for node in ast.parse(SUITE.read_text(encoding="utf-8")).body
+    for suite in SUITES
+    for node in ast.parse(suite.read_text(encoding="utf-8")).body
     if isinstance(node, ast.FunctionDef) and node.name.startswith("test_")
 ]
 
@@ -37,7 +39,11 @@ class SuiteRun:
 
 
 def _run_suite(workdir: Path) -> SuiteRun:
-    shutil.copy(SUITE, workdir / "test_djangoproject.py")
+    test_files = []
+    for suite in SUITES:
+        test_file = f"test_djangoproject{suite.stem.removeprefix('suite')}.py"
+        shutil.copy(suite, workdir / test_file)
+        test_files.append(test_file)
     report = workdir / "report.xml"
     env = {
         key: value
@@ -50,7 +56,7 @@ def _run_suite(workdir: Path) -> SuiteRun:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))
     proc = subprocess.run(
         [
-            sys.executable, "-m", "pytest", "test_djangoproject.py",
+            sys.executable, "-m", "pytest", *test_files,
             "-p", "no:cacheprovider", "-v", "-rfE", f"--junitxml={report}",
             f"--basetemp={workdir / 'tmp'}",
         ],
@@ -86,6 +92,7 @@ def test_djangoproject(suite_run: SuiteRun, test_name: str) -> None:
 
 def test_djangoproject_suite_ran_whole(suite_run: SuiteRun) -> None:
     # Failing tests are reported above, one by one; here: it ran, collected all, skipped none.
+    assert len(set(SUITE_TESTS)) == len(SUITE_TESTS), "a test name is in two suites"
     assert suite_run.returncode in (0, 1), suite_run.output[-6000:]
     assert set(suite_run.outcomes) == set(SUITE_TESTS), suite_run.output[-6000:]
     outcomes = [o for cases in suite_run.outcomes.values() for _, o, _ in cases]

@@ -10,7 +10,7 @@ import atexit
 import os
 import threading
 from collections.abc import Iterable, Mapping
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from . import _paging, _settings
 from ._errors import (
@@ -27,6 +27,9 @@ from ._errors import (
 from ._native import NativeLog, shutdown
 from ._paging import Replay
 from ._subscription import AsyncSubscription, Since, Subscription, subscription_requests
+
+if TYPE_CHECKING:
+    from .django.on_commit import PendingBroadcast
 
 __all__ = [
     "AsyncSubscription",
@@ -208,6 +211,36 @@ class ReplayLog:
         """
         return self._native.broadcast_many(list(items), default or self.default)
 
+    def broadcast_on_commit(
+        self,
+        channel: str,
+        event_name: str,
+        content: Any,
+        *,
+        using: str | None = None,
+        idempotency_key: str | None = None,
+        default: Default = None,
+    ) -> PendingBroadcast:
+        """Django: :meth:`broadcast` once the transaction of database ``using`` commits.
+
+        Never after a rollback; at once outside an atomic block, as ``transaction.on_commit``.
+        The content is serialized now, so bad content raises here. Redis failures after the
+        commit are logged and retried once with the same ``idempotency_key`` (a fresh one if
+        None), never raised. Returns the scheduled broadcast, whose ``timestamp`` is set once
+        it is published. See :mod:`replaylog.django.on_commit`.
+        """
+        from .django.on_commit import schedule
+
+        return schedule(
+            self,
+            channel,
+            event_name,
+            content,
+            using=using,
+            idempotency_key=idempotency_key,
+            default=default,
+        )
+
     def unspool(
         self,
         channel: str,
@@ -301,6 +334,35 @@ class ReplayLog:
             content,
             default or self.default,
             idempotency_key,
+        )
+
+    async def abroadcast_on_commit(
+        self,
+        channel: str,
+        event_name: str,
+        content: Any,
+        *,
+        using: str | None = None,
+        idempotency_key: str | None = None,
+        default: Default = None,
+    ) -> PendingBroadcast:
+        """:meth:`broadcast_on_commit` for async code.
+
+        If the database ``using`` is in an atomic block on the thread where this request's
+        synchronous ORM work runs (async code called through ``async_to_sync`` from inside
+        ``transaction.atomic()``), the broadcast waits for its commit; otherwise it is published
+        now, without blocking the event loop.
+        """
+        from .django.on_commit import aschedule
+
+        return await aschedule(
+            self,
+            channel,
+            event_name,
+            content,
+            using=using,
+            idempotency_key=idempotency_key,
+            default=default,
         )
 
     async def abroadcast_many(

@@ -11,6 +11,14 @@ Fixtures:
   For the test's duration ``REPLAYLOG_URL`` points at that server in the environment and, when
   Django is configured, in Django settings too, so the default log rebuilt after an
   ``override_settings`` of another replaylog setting still uses the test server.
+- ``replaylog_capture_on_commit``: ``with replaylog_capture_on_commit(execute=False,
+  using="default") as broadcasts:`` lists the :class:`replaylog.django.PendingBroadcast` that
+  the block scheduled with ``broadcast_on_commit``, once the block ends. It wraps Django's
+  ``TestCase.captureOnCommitCallbacks`` (pytest-django's ``django_capture_on_commit_callbacks``),
+  for tests whose transaction never commits (pytest-django's ``db``, ``TestCase``):
+  ``execute=True`` runs them on the test server, as a commit would, and sets their
+  ``timestamp``. :func:`replaylog.django.broadcasts_in` picks them out of the callbacks that
+  Django's own capture lists.
 
 Usage, in a Django project's tests::
 
@@ -18,6 +26,14 @@ Usage, in a Django project's tests::
         response = client.post("/rooms/lobby/messages/", {"text": "hi"})
         [message] = replay_log.unspool("lobby", 0)
         assert message["timestamp"] == response.json()["timestamp"]
+
+    @pytest.mark.django_db
+    def test_post(client, replay_log, replaylog_capture_on_commit):
+        with replaylog_capture_on_commit(execute=True) as broadcasts:
+            client.post("/rooms/lobby/posts/", {"text": "hi"})
+        [sent] = broadcasts
+        assert (sent.channel, sent.event_name) == ("lobby", "message.created")
+        assert replay_log.unspool("lobby", 0)[0]["timestamp"] == sent.timestamp
 
 The plugin needs the ``pytest`` extra (``pip install 'replaylog[pytest]'``, i.e. pytest-redis);
 without it, pytest still runs and only these fixtures fail, with that hint.
@@ -28,13 +44,15 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import pytest
 
 if TYPE_CHECKING:
     import replaylog
+    from replaylog.django import PendingBroadcast
 
 _pytest_redis_plugin: Any
 try:
@@ -150,3 +168,31 @@ def replay_log(replaylog_redis_proc: Any, replaylog_url: str) -> Iterator[replay
             if django_override is not None:
                 django_override.disable()
             replaylog.reset_default()
+
+
+@pytest.fixture
+def replaylog_capture_on_commit(
+    replay_log: replaylog.ReplayLog,
+) -> Callable[..., AbstractContextManager[list[PendingBroadcast]]]:
+    """``with replaylog_capture_on_commit(execute=False, using="default") as broadcasts:``.
+
+    At the end of the block, ``broadcasts`` lists the broadcasts scheduled in it with
+    ``broadcast_on_commit`` on database ``using`` and still waiting for its commit, in order
+    (Django's ``TestCase.captureOnCommitCallbacks``, filtered). ``execute=True`` runs them, on
+    the test server (this fixture uses ``replay_log``), so their ``timestamp`` is set.
+    """
+
+    @contextmanager
+    def capture(
+        *, execute: bool = False, using: str = "default"
+    ) -> Iterator[list[PendingBroadcast]]:
+        from django.test import TestCase
+
+        from replaylog.django import broadcasts_in
+
+        broadcasts: list[PendingBroadcast] = []
+        with TestCase.captureOnCommitCallbacks(using=using, execute=execute) as callbacks:
+            yield broadcasts
+        broadcasts.extend(broadcasts_in(callbacks))
+
+    return capture

@@ -1,7 +1,8 @@
 """Chat views: POST broadcasts a message to a room; GET replays what a client missed.
 
 ``messages`` is a sync view; ``async_messages`` and ``stream`` (server-sent events) are async
-views on replaylog's asyncio API, served by uvicorn in tests/test_asgi.py.
+views on replaylog's asyncio API, served by uvicorn in tests/test_asgi.py. ``post_message`` and
+``async_post_message`` save the message in the database and broadcast it once that commits.
 """
 
 from __future__ import annotations
@@ -9,10 +10,14 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 
-from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
+from django.db.models import F
+from django.http import Http404, HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.views.decorators.http import require_http_methods
 
 import replaylog
+from replaylog.django import abroadcast_on_commit, broadcast_on_commit
+
+from .models import Message, Room
 
 
 @require_http_methods(["GET", "POST"])
@@ -33,6 +38,25 @@ def messages(request: HttpRequest, room: str) -> JsonResponse:
     except (TypeError, ValueError):
         return JsonResponse({"error": f"since must be a number, got {since!r}"}, status=400)
     return JsonResponse({"messages": missed})
+
+
+@require_http_methods(["POST"])
+def post_message(request: HttpRequest, room: str) -> JsonResponse:
+    """Saves a message, then counts it in its room; subscribers hear of it once that commits.
+
+    Under ``ATOMIC_REQUESTS`` the 404 of an unknown room rolls the message back, and with it the
+    broadcast.
+    """
+    text = request.POST.get("text")
+    if not text:
+        return JsonResponse({"error": "text is required"}, status=400)
+    message = Message.objects.create(
+        room=room, author=request.POST.get("author", "anonymous"), text=text
+    )
+    broadcast_on_commit(room, "message.created", message.as_event())
+    if not Room.objects.filter(name=room).update(message_count=F("message_count") + 1):
+        raise Http404("no such room")
+    return JsonResponse({"id": message.pk}, status=201)
 
 
 # --- async views: the asyncio API in Django async views (under ASGI: uvicorn, AsyncClient) ------
@@ -57,6 +81,19 @@ async def async_messages(request: HttpRequest, room: str) -> JsonResponse:
     return JsonResponse(
         {"messages": replay.messages, "complete": replay.complete, "epoch": replay.epoch}
     )
+
+
+@require_http_methods(["POST"])
+async def async_post_message(request: HttpRequest, room: str) -> JsonResponse:
+    """``post_message`` for async code: saved in autocommit, so broadcast at once."""
+    text = request.POST.get("text")
+    if not text:
+        return JsonResponse({"error": "text is required"}, status=400)
+    message = await Message.objects.acreate(
+        room=room, author=request.POST.get("author", "anonymous"), text=text
+    )
+    sent = await abroadcast_on_commit(room, "message.created", message.as_event())
+    return JsonResponse({"id": message.pk, "timestamp": sent.timestamp}, status=201)
 
 
 @require_http_methods(["GET"])
