@@ -7,7 +7,8 @@
 //! would cut the parent's connection.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::ptr;
+use std::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::task::Poll;
 use std::time::{Duration, Instant};
@@ -30,13 +31,76 @@ pub enum Flavor {
     Background,
 }
 
-struct ProcessRuntime {
-    pid: u32,
-    runtime: &'static Runtime,
+/// A value of this process, made on first use, and made again in a forked child.
+///
+/// No lock guards it: a fork while another thread of the parent held a lock would leave that
+/// lock held forever in the child, and the child's first call would hang on it. A child finds
+/// a value tagged with another pid and swaps in its own; the parent's is left alone, never
+/// dropped (see the module comment).
+pub struct ProcessLocal<T> {
+    current: AtomicPtr<(u32, T)>,
 }
 
-static CALLING: Mutex<Option<ProcessRuntime>> = Mutex::new(None);
-static BACKGROUND: Mutex<Option<ProcessRuntime>> = Mutex::new(None);
+impl<T> ProcessLocal<T> {
+    pub const fn new() -> ProcessLocal<T> {
+        ProcessLocal {
+            current: AtomicPtr::new(ptr::null_mut()),
+        }
+    }
+
+    /// The value behind `seen` if it is process `pid`'s.
+    fn owned<'a>(seen: *mut (u32, T), pid: u32) -> Option<&'a T> {
+        // SAFETY: a published value is freed only by `drop`, which has `&mut self`.
+        match unsafe { seen.as_ref() } {
+            Some((owner, value)) if *owner == pid => Some(value),
+            _ => None,
+        }
+    }
+}
+
+impl<T: Send + Sync> ProcessLocal<T> {
+    /// This process's value; `make` builds it when there is none yet.
+    pub fn get(&self, make: impl FnOnce() -> T) -> &T {
+        let pid = std::process::id();
+        let mut seen = self.current.load(Ordering::Acquire);
+        if let Some(value) = Self::owned(seen, pid) {
+            return value;
+        }
+        let made = Box::into_raw(Box::new((pid, make())));
+        loop {
+            match self
+                .current
+                .compare_exchange(seen, made, Ordering::AcqRel, Ordering::Acquire)
+            {
+                // The value seen before, if any, was another process's: left alone.
+                // SAFETY: `made` is published now, and lives as long as `self`.
+                Ok(_) => return unsafe { &(*made).1 },
+                Err(now) => {
+                    if let Some(value) = Self::owned(now, pid) {
+                        // Another thread of this process published one first.
+                        // SAFETY: `made` was never published.
+                        drop(unsafe { Box::from_raw(made) });
+                        return value;
+                    }
+                    seen = now;
+                }
+            }
+        }
+    }
+}
+
+impl<T> Drop for ProcessLocal<T> {
+    fn drop(&mut self) {
+        let current = *self.current.get_mut();
+        if Self::owned(current, std::process::id()).is_some() {
+            // SAFETY: `&mut self`: no reference to it is left.
+            drop(unsafe { Box::from_raw(current) });
+        }
+    }
+}
+
+static CALLING: ProcessLocal<&'static Runtime> = ProcessLocal::new();
+static BACKGROUND: ProcessLocal<&'static Runtime> = ProcessLocal::new();
 
 /// Locks `mutex`, also after a panic elsewhere poisoned it: every value kept behind these locks
 /// is whole at all times.
@@ -46,35 +110,30 @@ fn locked<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// This process's runtime of the given flavor, made on first use.
+/// This process's runtime of the given flavor, made on first use. One that two threads made
+/// at once is leaked by the thread that lost: a runtime must not be dropped where it may be
+/// running, and this happens once at most.
 pub fn runtime(flavor: Flavor) -> &'static Runtime {
-    let pid = std::process::id();
     let slot = match flavor {
         Flavor::Calling => &CALLING,
         Flavor::Background => &BACKGROUND,
     };
-    let mut slot = locked(slot);
-    match &*slot {
-        Some(current) if current.pid == pid => current.runtime,
-        _ => {
-            let mut builder = match flavor {
-                Flavor::Calling => tokio::runtime::Builder::new_current_thread(),
-                Flavor::Background => {
-                    let mut builder = tokio::runtime::Builder::new_multi_thread();
-                    builder.worker_threads(1).thread_name("replaylog-io");
-                    builder
-                }
-            };
-            let runtime: &'static Runtime = Box::leak(Box::new(
+    slot.get(|| {
+        let mut builder = match flavor {
+            Flavor::Calling => tokio::runtime::Builder::new_current_thread(),
+            Flavor::Background => {
+                let mut builder = tokio::runtime::Builder::new_multi_thread();
+                builder.worker_threads(1).thread_name("replaylog-io");
                 builder
-                    .enable_all()
-                    .build()
-                    .expect("cannot start the tokio runtime"),
-            ));
-            *slot = Some(ProcessRuntime { pid, runtime });
-            runtime
-        }
-    }
+            }
+        };
+        Box::leak(Box::new(
+            builder
+                .enable_all()
+                .build()
+                .expect("cannot start the tokio runtime"),
+        ))
+    })
 }
 
 /// Runs `future` to completion on this process's `flavor` runtime, from a thread that is
@@ -156,12 +215,9 @@ impl Drop for WaitingCall {
 
 /// Called in a forked child (`os.register_at_fork`): forget the parent's runtimes now.
 pub fn forget_after_fork() {
-    // Calls in the parent's other threads do not exist here.
+    // Calls in the parent's other threads do not exist here. (The runtimes and connections
+    // are per process already; see `ProcessLocal`.)
     SYNC_CALLS_WAITING.store(0, Ordering::Relaxed);
-    for slot in [&CALLING, &BACKGROUND] {
-        // Leaked on purpose, see the module comment.
-        *locked(slot) = None;
-    }
 }
 
 /// Connection settings of one log.
@@ -176,14 +232,34 @@ pub struct Settings {
     pub subscription_buffer_bytes: usize,
 }
 
-struct ProcessConnection {
-    pid: u32,
-    manager: ConnectionManager,
+/// A log's connections in this process, per runtime flavor.
+#[derive(Default)]
+struct ProcessConnections {
+    calling: Mutex<Option<ConnectionManager>>,
+    background: Mutex<Option<ConnectionManager>>,
+    calling_bulk: Mutex<BulkPool>,
+    background_bulk: Mutex<BulkPool>,
+}
+
+impl ProcessConnections {
+    fn manager(&self, flavor: Flavor) -> &Mutex<Option<ConnectionManager>> {
+        match flavor {
+            Flavor::Calling => &self.calling,
+            Flavor::Background => &self.background,
+        }
+    }
+
+    fn bulk_pool(&self, flavor: Flavor) -> &Mutex<BulkPool> {
+        match flavor {
+            Flavor::Calling => &self.calling_bulk,
+            Flavor::Background => &self.background_bulk,
+        }
+    }
 }
 
 /// The bulk connections (see `bulk`) of one log, runtime flavor and process.
+#[derive(Default)]
 struct BulkPool {
-    pid: u32,
     /// Open ones, idle or in use: at most `BULK_MAX`.
     open: usize,
     /// The idle ones, each with when it last answered.
@@ -194,29 +270,9 @@ struct BulkPool {
 }
 
 impl BulkPool {
-    fn new() -> BulkPool {
-        BulkPool {
-            pid: std::process::id(),
-            open: 0,
-            idle: Vec::new(),
-            resting_until: None,
-        }
-    }
-
-    /// This process's pool: after fork, the parent's connections are left alone (see the
-    /// module comment) and forgotten.
-    fn current(&mut self) -> &mut BulkPool {
-        if self.pid != std::process::id() {
-            for (_, connection) in std::mem::replace(self, BulkPool::new()).idle {
-                std::mem::forget(connection);
-            }
-        }
-        self
-    }
-
     /// Removes the idle connections (they count as closed), to drop once the lock is released.
     fn drain(&mut self) -> Vec<(Instant, BulkConnection)> {
-        let idle = std::mem::take(&mut self.current().idle);
+        let idle = std::mem::take(&mut self.idle);
         self.open -= idle.len();
         idle
     }
@@ -234,17 +290,12 @@ const BULK_REST: Duration = Duration::from_secs(10);
 /// One open bulk connection counted in its pool; dropping the lease (a failed or abandoned
 /// request) uncounts it.
 pub struct BulkLease<'a> {
-    owner: &'a Connection,
-    flavor: Flavor,
-    pid: u32,
+    pool: &'a Mutex<BulkPool>,
 }
 
 impl Drop for BulkLease<'_> {
     fn drop(&mut self) {
-        let mut pool = locked(self.owner.bulk_pool(self.flavor));
-        if pool.pid == self.pid {
-            pool.open -= 1;
-        }
+        locked(self.pool).open -= 1;
     }
 }
 
@@ -255,10 +306,7 @@ pub struct Connection {
     settings: Settings,
     /// `settings.url`, parsed once.
     info: ConnectionInfo,
-    calling: Mutex<Option<ProcessConnection>>,
-    background: Mutex<Option<ProcessConnection>>,
-    calling_bulk: Mutex<BulkPool>,
-    background_bulk: Mutex<BulkPool>,
+    process: ProcessLocal<ProcessConnections>,
     created: Instant,
     /// When the calling-flavor connection last answered, in ms after `created`.
     calling_answered: AtomicU64,
@@ -273,10 +321,7 @@ impl Connection {
         Ok(Connection {
             settings,
             info,
-            calling: Mutex::new(None),
-            background: Mutex::new(None),
-            calling_bulk: Mutex::new(BulkPool::new()),
-            background_bulk: Mutex::new(BulkPool::new()),
+            process: ProcessLocal::new(),
             created: Instant::now(),
             calling_answered: AtomicU64::new(0),
             calling_last_wait_us: AtomicU64::new(0),
@@ -287,18 +332,9 @@ impl Connection {
         &self.settings
     }
 
-    fn slot(&self, flavor: Flavor) -> &Mutex<Option<ProcessConnection>> {
-        match flavor {
-            Flavor::Calling => &self.calling,
-            Flavor::Background => &self.background,
-        }
-    }
-
-    fn bulk_pool(&self, flavor: Flavor) -> &Mutex<BulkPool> {
-        match flavor {
-            Flavor::Calling => &self.calling_bulk,
-            Flavor::Background => &self.background_bulk,
-        }
+    /// This process's connections (a forked child starts with none).
+    fn process(&self) -> &ProcessConnections {
+        self.process.get(ProcessConnections::default)
     }
 
     pub fn connection_info(&self) -> &ConnectionInfo {
@@ -314,17 +350,13 @@ impl Connection {
     /// while the path rests or `BULK_MAX` are in use: the regular connection serves then.
     pub fn take_bulk(&self, flavor: Flavor) -> Option<(BulkLease<'_>, Option<BulkConnection>)> {
         let mut expired = Vec::new();
-        let mut pool = locked(self.bulk_pool(flavor));
-        let pool = pool.current();
+        let pool_lock = self.process().bulk_pool(flavor);
+        let mut pool = locked(pool_lock);
         let now = Instant::now();
         if pool.resting_until.is_some_and(|until| now < until) {
             return None;
         }
-        let lease = BulkLease {
-            owner: self,
-            flavor,
-            pid: pool.pid,
-        };
+        let lease = BulkLease { pool: pool_lock };
         while let Some((answered, connection)) = pool.idle.pop() {
             if now.duration_since(answered) <= BULK_IDLE_MAX {
                 return Some((lease, Some(connection)));
@@ -342,21 +374,18 @@ impl Connection {
 
     /// Keeps a bulk connection that answered well for the next unspool.
     pub fn put_bulk(&self, lease: BulkLease<'_>, connection: BulkConnection) {
-        let mut pool = locked(self.bulk_pool(lease.flavor));
-        if pool.pid == lease.pid {
-            pool.idle.push((Instant::now(), connection));
-            // Still open: counted until it is closed.
-            std::mem::forget(lease);
-        }
+        locked(lease.pool).idle.push((Instant::now(), connection));
+        // Still open: counted until it is closed.
+        std::mem::forget(lease);
     }
 
     /// After a bulk connection failed: `refused` rests the path (Redis said no, and would
     /// again), else the idle ones are closed too (they most likely died with it).
     pub fn lost_bulk(&self, flavor: Flavor, refused: bool) {
         let idle = {
-            let mut pool = locked(self.bulk_pool(flavor));
+            let mut pool = locked(self.process().bulk_pool(flavor));
             if refused {
-                pool.current().resting_until = Some(Instant::now() + BULK_REST);
+                pool.resting_until = Some(Instant::now() + BULK_REST);
                 Vec::new()
             } else {
                 pool.drain()
@@ -367,21 +396,12 @@ impl Connection {
 
     /// This process's connection manager on the `flavor` runtime; no I/O happens here.
     pub fn manager(&self, flavor: Flavor) -> RedisResult<ConnectionManager> {
-        let pid = std::process::id();
-        let mut current = locked(self.slot(flavor));
-        if let Some(connection) = &*current {
-            if connection.pid == pid {
-                return Ok(connection.manager.clone());
-            }
-        }
-        if let Some(inherited) = current.take() {
-            std::mem::forget(inherited);
+        let mut current = locked(self.process().manager(flavor));
+        if let Some(manager) = &*current {
+            return Ok(manager.clone());
         }
         let manager = self.build_manager(flavor)?;
-        *current = Some(ProcessConnection {
-            pid,
-            manager: manager.clone(),
-        });
+        *current = Some(manager.clone());
         Ok(manager)
     }
 
@@ -424,21 +444,12 @@ impl Connection {
 
     /// Drops this process's connections; the next call makes new ones.
     pub fn close(&self) {
-        let pid = std::process::id();
+        let process = self.process();
         for flavor in [Flavor::Calling, Flavor::Background] {
-            let taken = locked(self.slot(flavor)).take();
-            match taken {
-                Some(connection) if connection.pid != pid => std::mem::forget(connection),
-                other => drop(other),
-            }
-            let idle = locked(self.bulk_pool(flavor)).drain();
+            let taken = locked(process.manager(flavor)).take();
+            drop(taken);
+            let idle = locked(process.bulk_pool(flavor)).drain();
             drop(idle);
         }
-    }
-}
-
-impl Drop for Connection {
-    fn drop(&mut self) {
-        self.close();
     }
 }
