@@ -1,5 +1,7 @@
 from django.urls import path
 
+from replaylog.django.views import EventStreamView
+
 from . import views
 
 urlpatterns = [
@@ -8,4 +10,16 @@ urlpatterns = [
     path("rooms/<str:room>/stream/", views.stream, name="stream"),
     path("rooms/<str:room>/posts/", views.post_message, name="post-message"),
     path("async/rooms/<str:room>/posts/", views.async_post_message, name="async-post-message"),
+    path("events/<str:rooms>/", views.RoomEvents.as_view(), name="events"),
+    path("lobby/events/", EventStreamView.as_view(channels=["lobby"]), name="lobby-events"),
+    path(
+        "heartbeat/events/",
+        EventStreamView.as_view(channels=["quiet"], heartbeat=0.2),
+        name="heartbeat-events",
+    ),
+    path(
+        "capped/events/",
+        EventStreamView.as_view(channels=["capped"], max_replay=3),
+        name="capped-events",
+    ),
 ]
