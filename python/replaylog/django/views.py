@@ -130,9 +130,7 @@ class EventStreamView(View):
         """False answers 403 before any byte of the stream. Default: allowed."""
         return True
 
-    def reset_events(
-        self, request: HttpRequest, channels: list[str]
-    ) -> Iterable[tuple[str, Any]]:
+    def reset_events(self, request: HttpRequest, channels: list[str]) -> Iterable[tuple[str, Any]]:
         """Events ``(event, data)`` sent right after a ``stream-reset`` of ``channels``, such
         as a snapshot of their state. The position moves past the reset only with the last of
         them, so a client that drops before it gets the reset again. Default: none."""
