@@ -392,6 +392,30 @@ def test_forbidden_and_too_many_channels_answer_before_the_stream(
     assert pubsub_count(rdb) == 0
 
 
+def test_redis_unreachable_ends_the_stream_for_the_browser_to_retry(server: Server) -> None:
+    stream = SSE(server.port, "/unreachable/events/", last_event_id="x:1:")
+    try:
+        assert stream.status == 200
+        frame = stream.next(timeout=30)
+        assert int(frame["retry"]) > 0 and frame["comment"] == ["unavailable"]
+        assert stream.frames.get(timeout=10) is None  # the stream ended, with no traceback
+    finally:
+        stream.close()
+
+
+def test_the_header_wins_over_the_query_parameter(
+    server: Server, replay_log: replaylog.ReplayLog
+) -> None:
+    stamps = [replay_log.broadcast("lobby", "chat", i) for i in range(3)]
+    by_header, by_query = (f"lobby:{stamps[1]}:", f"lobby:{stamps[0]}:")
+    stream = SSE(server.port, f"/lobby/events/?lastEventId={by_query}", last_event_id=by_header)
+    try:
+        opened(stream)
+        assert stream.next_event()["data"]["timestamp"] == stamps[2]
+    finally:
+        stream.close()
+
+
 def test_heartbeats_are_comments_without_ids(server: Server) -> None:
     stream = SSE(server.port, "/heartbeat/events/")
     try:
@@ -467,6 +491,13 @@ def test_under_wsgi_one_thread_per_client(
             assert [stream.next_event()["data"]["timestamp"] for _ in "ab"] == [stamp, missed]
         finally:
             stream.close()
+        # The thread notices the disconnect at its next write (a heartbeat) and lets go.
+        # (The two streams above, with 15 s heartbeats, may still hold theirs.)
+        before = pubsub_count(rdb)
+        stream = SSE(port, "/heartbeat/events/")
+        opened(stream)
+        stream.close()
+        wait_until(lambda: pubsub_count(rdb) <= before, 10, "pubsub connection released")
     finally:
         proc.terminate()
         proc.wait(timeout=10)

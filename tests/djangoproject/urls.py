@@ -1,5 +1,6 @@
 from django.urls import path
 
+import replaylog
 from replaylog.django.views import EventStreamView
 
 from . import views
@@ -16,6 +17,12 @@ urlpatterns = [
         "heartbeat/events/",
         EventStreamView.as_view(channels=["quiet"], heartbeat=0.2),
         name="heartbeat-events",
+    ),
+    path(
+        "unreachable/events/",
+        # Nothing listens on port 1; the log connects at the first request, not here.
+        EventStreamView.as_view(channels=["x"], log=replaylog.ReplayLog("redis://127.0.0.1:1/0")),
+        name="unreachable-events",
     ),
     path(
         "capped/events/",

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 import re
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from typing import Any, Callable
@@ -38,12 +39,14 @@ from django.http import (
 from django.views import View
 
 import replaylog
-from replaylog import IncompleteReplayError, Position, ReplayLog
+from replaylog import IncompleteReplayError, Position, ReplayLog, ReplayLogError
 
 OPEN_EVENT = "stream-open"
 RESET_EVENT = "stream-reset"
 
 _POSITION_PART = re.compile(r"([^:,]*):(\d{1,18}):(\d{0,18})")
+
+logger = logging.getLogger(__name__)
 
 
 def encode_position(position: Mapping[str, Position]) -> str:
@@ -200,10 +203,23 @@ class _Stream:
             for i, (event, data) in enumerate(frames)
         )
 
+    def _unavailable(self, error: ReplayLogError) -> str:
+        """Redis could not be reached: the stream ends at once, and the browser tries again
+        after ``retry_ms`` with the same ``Last-Event-ID``."""
+        logger.warning("event stream of %s not opened: %s", self.channels, error)
+        return f"retry: {self.view.retry_ms}\n: unavailable\n\n"
+
     async def events(self) -> AsyncIterator[str]:
         limit = self.view.max_replay + 1
-        self._cap_replay(await self.log.aunspool_many(self._cursors(), raw=True, limit=limit))
-        async with self.log.asubscribe(self.channels, since=self.since) as subscription:
+        try:
+            replays = await self.log.aunspool_many(self._cursors(), raw=True, limit=limit)
+            self._cap_replay(replays)
+            subscription = self.log.asubscribe(self.channels, since=self.since)
+            await subscription.__aenter__()
+        except ReplayLogError as error:
+            yield self._unavailable(error)
+            return
+        async with subscription:
             yield self._opening(subscription.position)
             reset = self.reset
             while True:
@@ -226,8 +242,13 @@ class _Stream:
 
     def events_sync(self) -> Iterator[str]:
         limit = self.view.max_replay + 1
-        self._cap_replay(self.log.unspool_many(self._cursors(), raw=True, limit=limit))
-        with self.log.subscribe(self.channels, since=self.since) as subscription:
+        try:
+            self._cap_replay(self.log.unspool_many(self._cursors(), raw=True, limit=limit))
+            subscription = self.log.subscribe(self.channels, since=self.since)
+        except ReplayLogError as error:
+            yield self._unavailable(error)
+            return
+        with subscription:
             yield self._opening(subscription.position)
             reset = self.reset
             while True:
