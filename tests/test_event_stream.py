@@ -291,6 +291,40 @@ def test_lost_messages_reach_the_client_as_a_reset_and_then_live(
         stream.close()
 
 
+@pytest.mark.parametrize("loss", ["flushall", "max_len", "expiry"])
+def test_every_kind_of_loss_is_a_reset(
+    server: Server, replay_log: replaylog.ReplayLog, replaylog_url: str, rdb: redis.Redis, loss: str
+) -> None:
+    stream = SSE(server.port, "/events/k/")
+    try:
+        opened(stream)
+        replay_log.broadcast("k", "chat", "seen")
+        last_id = stream.next_event()["id"]
+    finally:
+        stream.close()
+    if loss == "flushall":  # Redis lost its data (a restart without persistence)
+        rdb.flushall()
+    elif loss == "max_len":  # trimmed by another process's cap
+        capped = replaylog.ReplayLog(replaylog_url, max_len=2)
+        for i in range(3):
+            capped.broadcast("k", "chat", i)
+        capped.close()
+    else:  # the idle log expired; its bookkeeping outlives it
+        replay_log.broadcast("k", "chat", "then gone")
+        rdb.pexpire("replay:k", 1)
+        wait_until(lambda: not rdb.exists("replay:k"), 5, "the log expired")
+    replay_log.broadcast("k", "chat", "after the loss")
+    stream = SSE(server.port, "/events/k/", last_event_id=last_id)
+    try:
+        opened(stream)
+        reset = stream.next_event()
+        assert reset["event"] == "stream-reset" and reset["data"] == {"channels": ["k"]}
+        live = replay_log.broadcast("k", "chat", "live")
+        assert stream.next_event()["data"]["timestamp"] == live
+    finally:
+        stream.close()
+
+
 def test_a_reset_while_streaming_and_the_snapshot_hook(
     server: Server, replay_log: replaylog.ReplayLog
 ) -> None:
