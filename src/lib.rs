@@ -29,7 +29,7 @@ use convert::{
 use errors::{python_error, Failure};
 use json::Encoder;
 use store::{Layout, Limits, Outgoing, ReplayRequest, Store, Uses};
-use subscription::{message_prev, message_timestamp, Delivery, Next, Subscription};
+use subscription::{message_prev, message_timestamp, Delivery, Next, Request, Subscription};
 
 /// `(loop, future)`: run asynchronously and resolve `future` on `loop` with the result.
 type Aio<'py> = Option<(Bound<'py, PyAny>, Bound<'py, PyAny>)>;
@@ -257,16 +257,100 @@ impl NativeLog {
         )
     }
 
-    /// Trims entries older than `expire_ms` from every log; returns how many it removed.
-    #[pyo3(signature = (expire_ms, *, aio=None))]
-    fn prune(&self, py: Python<'_>, expire_ms: i64, aio: Aio<'_>) -> PyResult<Py<PyAny>> {
+    /// Trims entries older than `expire_ms` from every log, or from those of the channels
+    /// matching the glob `channels`; returns how many it removed.
+    #[pyo3(signature = (expire_ms, channels=None, *, aio=None))]
+    fn prune(
+        &self,
+        py: Python<'_>,
+        expire_ms: i64,
+        channels: Option<String>,
+        aio: Aio<'_>,
+    ) -> PyResult<Py<PyAny>> {
         self.dispatch(
             py,
             store::PRUNE,
             Uses::Regular,
             aio,
-            move |store, _, manager| async move { store.prune(manager, expire_ms).await },
+            move |store, _, manager| async move {
+                store.prune(manager, expire_ms, channels.as_deref()).await
+            },
             |py, removed| Ok(removed.into_pyobject(py)?.into_any().unbind()),
+        )
+    }
+
+    /// Trims entries older than `expire_ms` from one channel's log; returns how many.
+    #[pyo3(signature = (channel, expire_ms, *, aio=None))]
+    fn prune_log(
+        &self,
+        py: Python<'_>,
+        channel: &Bound<'_, PyAny>,
+        expire_ms: i64,
+        aio: Aio<'_>,
+    ) -> PyResult<Py<PyAny>> {
+        let keys = self.store.layout.channel_keys(channel_str(channel)?);
+        self.dispatch(
+            py,
+            "prune_replay_logs",
+            Uses::Regular,
+            aio,
+            move |store, _, manager| async move { store.prune_log(manager, &keys, expire_ms).await },
+            |py, removed| Ok(removed.into_pyobject(py)?.into_any().unbind()),
+        )
+    }
+
+    /// Deletes one channel's log and bookkeeping; returns how many messages it held.
+    #[pyo3(signature = (channel, *, aio=None))]
+    fn delete_log(
+        &self,
+        py: Python<'_>,
+        channel: &Bound<'_, PyAny>,
+        aio: Aio<'_>,
+    ) -> PyResult<Py<PyAny>> {
+        let keys = self.store.layout.channel_keys(channel_str(channel)?);
+        self.dispatch(
+            py,
+            "delete_log",
+            Uses::Regular,
+            aio,
+            move |store, _, manager| async move { store.delete(manager, &keys).await },
+            |py, count| Ok(count.into_pyobject(py)?.into_any().unbind()),
+        )
+    }
+
+    /// One SCAN step over the logs (see `Store::scan_logs`): `(next_cursor, redis_now_ms,
+    /// [(key, count, oldest, newest, ttl_ms, memory)])`.
+    #[pyo3(signature = (cursor, channels=None, expire_ms=None, dry_run=false))]
+    fn scan_logs(
+        &self,
+        py: Python<'_>,
+        cursor: u64,
+        channels: Option<String>,
+        expire_ms: Option<i64>,
+        dry_run: bool,
+    ) -> PyResult<Py<PyAny>> {
+        self.dispatch(
+            py,
+            "scan_logs",
+            Uses::Regular,
+            None,
+            move |store, _, manager| async move {
+                store
+                    .scan_logs(manager, cursor, channels.as_deref(), expire_ms, dry_run)
+                    .await
+            },
+            |py, (next, now, logs)| {
+                let logs: Vec<_> = logs
+                    .into_iter()
+                    .map(|log| {
+                        let key = PyBytes::new(py, &log.key);
+                        (
+                            key, log.count, log.oldest, log.newest, log.ttl_ms, log.memory,
+                        )
+                    })
+                    .collect();
+                Ok((next, now, logs).into_pyobject(py)?.into_any().unbind())
+            },
         )
     }
 
@@ -279,10 +363,11 @@ impl NativeLog {
         aio: Aio<'_>,
     ) -> PyResult<Py<PyAny>> {
         let mut requests = Vec::with_capacity(channels.len());
-        for pair in channels.iter() {
-            let pair = pair.cast_into::<PyTuple>()?;
-            let channel = channel_str(&pair.get_item(0)?)?.to_owned();
-            let since = pair.get_item(1)?;
+        for triple in channels.iter() {
+            let triple = triple.cast_into::<PyTuple>()?;
+            let channel = channel_str(&triple.get_item(0)?)?.to_owned();
+            let epoch: Option<String> = triple.get_item(2)?.extract()?;
+            let since = triple.get_item(1)?;
             let since = if since.is_none() {
                 None
             } else {
@@ -293,13 +378,18 @@ impl NativeLog {
                     ))
                 })?)
             };
-            requests.push((channel, since));
+            requests.push(Request {
+                channel,
+                since,
+                epoch: epoch.unwrap_or_default(),
+            });
         }
         let store = self.store.clone();
         let open = async move {
             let (subscription, listener) = Subscription::open(store, requests).await?;
             Ok(NativeSubscription {
                 names: subscription.names.clone(),
+                start: subscription.start.clone(),
                 inner: Arc::new(tokio::sync::Mutex::new(subscription)),
                 tasks: Mutex::new(vec![listener]),
                 pid: std::process::id(),
@@ -428,6 +518,8 @@ impl NativeLog {
 #[pyclass(module = "replaylog._native", frozen)]
 struct NativeSubscription {
     names: Vec<String>,
+    /// Per channel, `(cursor, epoch)` where the stream starts (see `Subscription::start`).
+    start: Vec<(i64, String)>,
     inner: Arc<tokio::sync::Mutex<Subscription>>,
     /// The pub/sub task (ending it closes the connection and the stream), and the task
     /// feeding an asyncio queue when iterated asynchronously.
@@ -561,6 +653,15 @@ impl NativeSubscription {
     fn channels(&self) -> Vec<String> {
         self.names.clone()
     }
+
+    /// Per channel, `(cursor, epoch or None)` where the stream starts.
+    #[getter]
+    fn start_positions(&self) -> Vec<(i64, Option<String>)> {
+        self.start
+            .iter()
+            .map(|(cursor, epoch)| (*cursor, (!epoch.is_empty()).then(|| epoch.clone())))
+            .collect()
+    }
 }
 
 impl NativeSubscription {
@@ -602,7 +703,9 @@ fn delivery_to_python(
                     let since = message_prev(&payload)
                         .or_else(|| message_timestamp(&payload).map(|ts| ts - 1))
                         .unwrap_or(0);
-                    return Err(incomplete_replay(py, &names[channel], since));
+                    // The stream goes on after it, in the same history.
+                    let resume = message_timestamp(&payload);
+                    return Err(incomplete_replay(py, &names[channel], since, resume, None));
                 }
                 Err(error) => return Err(error),
             };
@@ -612,12 +715,38 @@ fn delivery_to_python(
             dict.set_item("channel", &names[channel])?;
             Ok(Some(message.unbind()))
         }
-        Delivery::Gap { channel, since } => Err(incomplete_replay(py, &names[channel], since)),
+        Delivery::Gap {
+            channel,
+            since,
+            resume,
+            epoch,
+        } => {
+            let epoch = (!epoch.is_empty()).then_some(epoch);
+            Err(incomplete_replay(
+                py,
+                &names[channel],
+                since,
+                Some(resume),
+                epoch,
+            ))
+        }
     }
 }
 
-fn incomplete_replay(py: Python<'_>, channel: &str, since: i64) -> PyErr {
-    python_error(py, "IncompleteReplayError", (channel.to_owned(), since))
+/// `IncompleteReplayError`: messages after `since` are gone; the stream goes on from `resume`
+/// in history `epoch` (None: the same as before).
+fn incomplete_replay(
+    py: Python<'_>,
+    channel: &str,
+    since: i64,
+    resume: Option<i64>,
+    epoch: Option<String>,
+) -> PyErr {
+    python_error(
+        py,
+        "IncompleteReplayError",
+        (channel.to_owned(), since, resume, epoch),
+    )
 }
 
 fn seconds(value: f64) -> PyResult<Duration> {

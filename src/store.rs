@@ -12,6 +12,7 @@ use crate::errors::Failure;
 
 const BROADCAST_LUA: &str = include_str!("lua/broadcast.lua");
 const REPLAY_LUA: &str = include_str!("lua/replay.lua");
+const DELETE_LUA: &str = include_str!("lua/delete.lua");
 
 /// Keys SCAN looks at per step: enough to amortize the round trip, few enough that
 /// no step holds Redis for more than a fraction of a millisecond.
@@ -161,6 +162,7 @@ pub struct Store {
     limits: Limits,
     broadcast_script: Script,
     replay_script: Script,
+    delete_script: Script,
     /// Where the log lives, password masked, for error messages.
     label: String,
     secret: Option<String>,
@@ -175,6 +177,7 @@ impl Store {
             limits,
             broadcast_script: Script::new(BROADCAST_LUA),
             replay_script: Script::new(REPLAY_LUA),
+            delete_script: Script::new(DELETE_LUA),
             label,
             secret,
         }
@@ -419,12 +422,15 @@ impl Store {
     /// SCAN walks the logs a step at a time (never KEYS, which blocks Redis for the whole
     /// keyspace); a step's trims travel with the SCAN of the next step, one round trip each.
     /// Replays tell what was trimmed from the messages' `prev` links: no bookkeeping here.
-    pub async fn prune(&self, mut manager: ConnectionManager, expire_ms: i64) -> RedisResult<i64> {
-        let mut time = Pipeline::new();
-        time.cmd("TIME");
-        let ((seconds, micros),): ((i64, i64),) = query(&mut manager, &time).await?;
-        let oldest_kept = seconds * 1000 + micros / 1000 - expire_ms;
-        let pattern = [glob_escape(&self.layout.log_prefix).as_bytes(), b"*"].concat();
+    /// `channels`, a SCAN glob over channel names, narrows it to the logs it matches.
+    pub async fn prune(
+        &self,
+        mut manager: ConnectionManager,
+        expire_ms: i64,
+        channels: Option<&str>,
+    ) -> RedisResult<i64> {
+        let oldest_kept = redis_now_ms(&mut manager).await? - expire_ms;
+        let pattern = self.log_pattern(channels);
         let mut removed = 0;
         let mut cursor: Option<u64> = Some(0);
         let mut keys: Vec<Vec<u8>> = Vec::new();
@@ -461,6 +467,147 @@ impl Store {
         }
         Ok(removed)
     }
+}
+
+impl Store {
+    /// SCAN's MATCH for the logs of the channels matching the glob `channels` (all if None).
+    /// With `cluster_keys`, a channel whose keys carry the fixed tag (see `Layout::key`) only
+    /// matches when all channels do.
+    fn log_pattern(&self, channels: Option<&str>) -> Vec<u8> {
+        let prefix = glob_escape(&self.layout.log_prefix);
+        match channels {
+            None => format!("{prefix}*"),
+            Some(glob) if self.layout.cluster_keys => format!("{prefix}{{{glob}}}"),
+            Some(glob) => format!("{prefix}{glob}"),
+        }
+        .into_bytes()
+    }
+
+    /// Trims entries older than `expire_ms` from one channel's log; returns how many.
+    pub async fn prune_log(
+        &self,
+        mut manager: ConnectionManager,
+        keys: &ChannelKeys,
+        expire_ms: i64,
+    ) -> RedisResult<i64> {
+        let oldest_kept = redis_now_ms(&mut manager).await? - expire_ms;
+        let mut trim = Pipeline::new();
+        trim.cmd("ZREMRANGEBYSCORE")
+            .arg(&keys.log)
+            .arg("-inf")
+            .arg(oldest_kept);
+        let (removed,): (i64,) = query(&mut manager, &trim).await?;
+        Ok(removed)
+    }
+
+    /// Deletes one channel's log and bookkeeping; returns how many messages it held.
+    pub async fn delete(
+        &self,
+        mut manager: ConnectionManager,
+        keys: &ChannelKeys,
+    ) -> RedisResult<i64> {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(self.delete_script.get_hash())
+            .arg(2)
+            .arg(&keys.log)
+            .arg(&keys.meta);
+        let replies = run_scripts(&mut manager, &self.delete_script, &[cmd]).await?;
+        match replies.as_slice() {
+            [Value::Int(count)] => Ok(*count),
+            other => Err(unexpected(
+                "the delete script",
+                &Value::Array(other.to_vec()),
+            )),
+        }
+    }
+
+    /// One SCAN step over the logs of channels matching `channels`, from `cursor`: the next
+    /// cursor (0 when done) and, for each log found, its key, message count, oldest and newest
+    /// timestamps, time to live in ms (-1: none) and memory in bytes; plus the Redis clock.
+    /// With `expire_ms`, each log is also trimmed (or with `dry_run`, counted) as `prune` does,
+    /// and the count is of what it removed (or would remove). For the command line.
+    pub async fn scan_logs(
+        &self,
+        mut manager: ConnectionManager,
+        cursor: u64,
+        channels: Option<&str>,
+        expire_ms: Option<i64>,
+        dry_run: bool,
+    ) -> RedisResult<(u64, i64, Vec<LogStats>)> {
+        let now = redis_now_ms(&mut manager).await?;
+        let mut scan = Pipeline::new();
+        scan.cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(self.log_pattern(channels))
+            .arg("COUNT")
+            .arg(SCAN_COUNT)
+            .arg("TYPE")
+            .arg("zset");
+        let ((next, keys),): ((u64, Vec<Vec<u8>>),) = query(&mut manager, &scan).await?;
+        let mut pipe = Pipeline::with_capacity(keys.len() * 6);
+        for key in &keys {
+            match expire_ms {
+                Some(expire_ms) if dry_run => {
+                    pipe.cmd("ZCOUNT").arg(key).arg("-inf").arg(now - expire_ms)
+                }
+                Some(expire_ms) => pipe
+                    .cmd("ZREMRANGEBYSCORE")
+                    .arg(key)
+                    .arg("-inf")
+                    .arg(now - expire_ms),
+                None => pipe.cmd("ZCARD").arg(key),
+            };
+            pipe.cmd("ZRANGE").arg(key).arg(0).arg(0).arg("WITHSCORES");
+            pipe.cmd("ZRANGE")
+                .arg(key)
+                .arg(-1)
+                .arg(-1)
+                .arg("WITHSCORES");
+            pipe.cmd("PTTL").arg(key);
+            pipe.cmd("MEMORY").arg("USAGE").arg(key);
+        }
+        let replies: Vec<Value> = if keys.is_empty() {
+            Vec::new()
+        } else {
+            query(&mut manager, &pipe).await?
+        };
+        let mut stats = Vec::with_capacity(keys.len());
+        for (key, replies) in keys.into_iter().zip(replies.chunks(5)) {
+            let score = |reply: &Value| -> RedisResult<Option<i64>> {
+                let pair: Vec<(Vec<u8>, f64)> = redis::from_redis_value(reply.clone())?;
+                Ok(pair.first().map(|(_, score)| *score as i64))
+            };
+            stats.push(LogStats {
+                key,
+                count: redis::from_redis_value(replies[0].clone())?,
+                oldest: score(&replies[1])?,
+                newest: score(&replies[2])?,
+                ttl_ms: redis::from_redis_value(replies[3].clone())?,
+                memory: redis::from_redis_value(replies[4].clone())?,
+            });
+        }
+        Ok((next, now, stats))
+    }
+}
+
+/// What `scan_logs` tells of one log.
+pub struct LogStats {
+    pub key: Vec<u8>,
+    pub count: i64,
+    pub oldest: Option<i64>,
+    pub newest: Option<i64>,
+    pub ttl_ms: i64,
+    /// None where Redis cannot tell (the key went away meanwhile).
+    pub memory: Option<i64>,
+}
+
+/// The Redis clock, in milliseconds.
+async fn redis_now_ms(manager: &mut ConnectionManager) -> RedisResult<i64> {
+    let mut time = Pipeline::new();
+    time.cmd("TIME");
+    let ((seconds, micros),): ((i64, i64),) = query(manager, &time).await?;
+    Ok(seconds * 1000 + micros / 1000)
 }
 
 /// Sends a pipeline. A refused connection sent nothing, so it is tried once more: the first

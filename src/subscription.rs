@@ -58,10 +58,13 @@ pub enum Delivery {
         channel: usize,
         payload: Vec<u8>,
     },
-    /// Messages after `since` on this channel are gone and cannot be replayed.
+    /// Messages after `since` on this channel are gone and cannot be replayed; the
+    /// subscription goes on from `resume`, the newest timestamp, in history `epoch`.
     Gap {
         channel: usize,
         since: i64,
+        resume: i64,
+        epoch: String,
     },
 }
 
@@ -82,9 +85,21 @@ struct Position {
     epoch: String,
 }
 
+/// A channel to subscribe to: its name, the cursor to replay from (None: from now), and the
+/// epoch the client last saw ("" if none).
+pub struct Request {
+    pub channel: String,
+    pub since: Option<i64>,
+    pub epoch: String,
+}
+
 pub struct Subscription {
     store: Arc<Store>,
     pub names: Vec<String>,
+    /// Where the stream starts, per channel: the cursor asked for (or the newest timestamp
+    /// at subscribe time), and the epoch asked for (or the log's). A client that received
+    /// nothing resumes from here without loss.
+    pub start: Vec<(i64, String)>,
     keys: Vec<ChannelKeys>,
     positions: Vec<Position>,
     events: mpsc::Receiver<Event>,
@@ -103,14 +118,14 @@ impl Subscription {
     /// pub/sub connection.
     pub async fn open(
         store: Arc<Store>,
-        channels: Vec<(String, Option<i64>)>,
+        channels: Vec<Request>,
     ) -> Result<(Subscription, JoinHandle<()>), Failure> {
         let settings = store.settings().clone();
         let client = Client::open(store.connection().connection_info().clone())
             .map_err(|e| store.failure(&e, "subscribe"))?;
         let keys: Vec<ChannelKeys> = channels
             .iter()
-            .map(|(name, _)| store.layout.channel_keys(name))
+            .map(|request| store.layout.channel_keys(&request.channel))
             .collect();
         let pubsub_names: Vec<Vec<u8>> = keys.iter().map(|k| k.pubsub.clone()).collect();
         let (sender, events) = mpsc::channel(BUFFERED_MESSAGES);
@@ -137,17 +152,22 @@ impl Subscription {
             listener.abort();
             return Err(store.failure(&e, "subscribe"));
         }
-        let (names, cursors): (Vec<String>, Vec<Option<i64>>) = channels.into_iter().unzip();
-        let positions = cursors
+        let names = channels.iter().map(|r| r.channel.clone()).collect();
+        let requested: Vec<(Option<i64>, String)> = channels
             .into_iter()
-            .map(|cursor| Position {
-                cursor,
-                epoch: String::new(),
+            .map(|request| (request.since, request.epoch))
+            .collect();
+        let positions = requested
+            .iter()
+            .map(|(cursor, epoch)| Position {
+                cursor: *cursor,
+                epoch: epoch.clone(),
             })
             .collect();
         let mut subscription = Subscription {
             store,
             names,
+            start: Vec::new(),
             keys,
             positions,
             events,
@@ -163,6 +183,19 @@ impl Subscription {
                 return Err(failure);
             }
         }
+        subscription.start = requested
+            .into_iter()
+            .zip(&subscription.positions)
+            .map(|((cursor, epoch), now)| {
+                let cursor = cursor.or(now.cursor).unwrap_or(0);
+                let epoch = if epoch.is_empty() {
+                    now.epoch.clone()
+                } else {
+                    epoch
+                };
+                (cursor, epoch)
+            })
+            .collect();
         Ok((subscription, listener))
     }
 
@@ -289,6 +322,8 @@ impl Subscription {
                 self.ready.push_back(Delivery::Gap {
                     channel,
                     since: cursor,
+                    resume: latest,
+                    epoch: position.epoch.clone(),
                 });
                 // The caller reloads its state as of now: go on from the newest message of
                 // the log as it is (after FLUSHALL that may be below the old cursor).

@@ -26,7 +26,7 @@ from ._errors import (
 )
 from ._native import NativeLog, shutdown
 from ._paging import Replay
-from ._subscription import AsyncSubscription, Since, Subscription, subscription_requests
+from ._subscription import AsyncSubscription, Position, Since, Subscription, subscription_requests
 
 if TYPE_CHECKING:
     from .django.on_commit import PendingBroadcast
@@ -38,6 +38,7 @@ __all__ = [
     "IncompleteReplayError",
     "OutOfMemoryError",
     "PermissionDeniedError",
+    "Position",
     "ReadOnlyError",
     "RedisRefusedError",
     "Replay",
@@ -47,6 +48,7 @@ __all__ = [
     "TimeoutError",
     "abroadcast",
     "abroadcast_many",
+    "adelete_log",
     "aprune_replay_logs",
     "areplay",
     "asubscribe",
@@ -55,6 +57,7 @@ __all__ = [
     "broadcast",
     "broadcast_many",
     "configure",
+    "delete_log",
     "get_default",
     "prune_replay_logs",
     "replay",
@@ -295,19 +298,40 @@ class ReplayLog:
                 result[channel] = self.unspool(channel, cursors[channel], raw=raw, limit=limit)
         return result
 
-    def prune_replay_logs(self, expire_ms: int | None = None) -> int:
+    def prune_replay_logs(
+        self,
+        expire_ms: int | None = None,
+        *,
+        channel: str | None = None,
+        pattern: str | None = None,
+    ) -> int:
         """Trim entries older than ``expire_ms`` (default: the setting) from every log.
 
         Walks the keyspace with SCAN, never KEYS, and pipelines the trims in batches.
+        ``channel`` trims that one channel's log only; ``pattern``, a glob over channel names
+        (``room:*``, Redis's SCAN MATCH syntax), the logs of the channels it matches.
         Returns how many entries it removed.
         """
-        return self._native.prune(self._prune_expiry(expire_ms))
+        expire_ms = self._prune_expiry(expire_ms)
+        one = _prune_target(channel, pattern)
+        if one is not None:
+            return self._native.prune_log(one, expire_ms)
+        return self._native.prune(expire_ms, pattern)
+
+    def delete_log(self, channel: str) -> int:
+        """Delete ``channel``'s log and its bookkeeping; returns how many messages it held.
+
+        Clients resuming from a cursor on it get an incomplete replay (a reset), and the next
+        broadcast starts a new history.
+        """
+        return self._native.delete_log(channel)
 
     def subscribe(self, channels: str | Iterable[str], since: Since = None) -> Subscription:
         """Subscribe to ``channels``: every message after ``since`` first, then live ones.
 
-        ``since`` is a cursor (a timestamp) for every channel, or a dict of channel to cursor;
-        None (or a channel left out of the dict) starts from now. Use it as a context manager
+        ``since`` is a cursor (a timestamp) for every channel, or a dict of channel to cursor
+        or :class:`Position` (a subscription's ``position``: its epoch is checked too); None
+        (or a channel left out of the dict) starts from now. Use it as a context manager
         and iterate; see :class:`Subscription`.
         """
         return Subscription(self._native.subscribe(subscription_requests(channels, since)))
@@ -412,9 +436,23 @@ class ReplayLog:
         """:meth:`replay` without blocking the event loop."""
         return await self._aread(channel, since, raw, limit, epoch, verdict=True)
 
-    async def aprune_replay_logs(self, expire_ms: int | None = None) -> int:
+    async def aprune_replay_logs(
+        self,
+        expire_ms: int | None = None,
+        *,
+        channel: str | None = None,
+        pattern: str | None = None,
+    ) -> int:
         """:meth:`prune_replay_logs` without blocking the event loop."""
-        return await _run_async(self._native.prune, self._prune_expiry(expire_ms))
+        expire_ms = self._prune_expiry(expire_ms)
+        one = _prune_target(channel, pattern)
+        if one is not None:
+            return await _run_async(self._native.prune_log, one, expire_ms)
+        return await _run_async(self._native.prune, expire_ms, pattern)
+
+    async def adelete_log(self, channel: str) -> int:
+        """:meth:`delete_log` without blocking the event loop."""
+        return await _run_async(self._native.delete_log, channel)
 
     def close(self) -> None:
         """Drop this log's connection; the next call opens a new one."""
@@ -461,6 +499,15 @@ def _cursor_pairs(cursors: Mapping[str, int | float | str]) -> list[tuple[str, A
     if not isinstance(cursors, Mapping):
         raise TypeError(f"cursors must be a mapping, got {type(cursors).__name__}")
     return list(cursors.items())
+
+
+def _prune_target(channel: str | None, pattern: str | None) -> str | None:
+    """The one channel to prune, or None for a prune by ``pattern`` (or of every log)."""
+    if channel is not None and pattern is not None:
+        raise TypeError("prune_replay_logs takes channel or pattern, not both")
+    if pattern is not None and not isinstance(pattern, str):
+        raise TypeError(f"pattern must be str, not {type(pattern).__name__}")
+    return channel
 
 
 def _check_epoch(epoch: str | None) -> None:
@@ -592,9 +639,16 @@ def unspool_many(
     return get_default().unspool_many(cursors, raw=raw, limit=limit)
 
 
-def prune_replay_logs(expire_ms: int | None = None) -> int:
+def prune_replay_logs(
+    expire_ms: int | None = None, *, channel: str | None = None, pattern: str | None = None
+) -> int:
     """:meth:`ReplayLog.prune_replay_logs` on the default log."""
-    return get_default().prune_replay_logs(expire_ms)
+    return get_default().prune_replay_logs(expire_ms, channel=channel, pattern=pattern)
+
+
+def delete_log(channel: str) -> int:
+    """:meth:`ReplayLog.delete_log` on the default log."""
+    return get_default().delete_log(channel)
 
 
 # A forked child rebuilds its connection on first use (the native layer checks the pid too);
@@ -663,6 +717,13 @@ async def areplay(
     return await get_default().areplay(channel, since, raw=raw, limit=limit, epoch=epoch)
 
 
-async def aprune_replay_logs(expire_ms: int | None = None) -> int:
+async def aprune_replay_logs(
+    expire_ms: int | None = None, *, channel: str | None = None, pattern: str | None = None
+) -> int:
     """:meth:`ReplayLog.aprune_replay_logs` on the default log."""
-    return await get_default().aprune_replay_logs(expire_ms)
+    return await get_default().aprune_replay_logs(expire_ms, channel=channel, pattern=pattern)
+
+
+async def adelete_log(channel: str) -> int:
+    """:meth:`ReplayLog.adelete_log` on the default log."""
+    return await get_default().adelete_log(channel)

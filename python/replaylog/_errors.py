@@ -1,5 +1,7 @@
 """The exceptions replaylog raises. The Rust core raises these same classes."""
 
+from __future__ import annotations
+
 import builtins
 
 
@@ -49,14 +51,21 @@ class IncompleteReplayError(ReplayLogError):
     Messages after ``since`` were removed (pruned, trimmed, expired, flushed) before they could
     be delivered. Reload the channel's state, then keep iterating: the subscription goes on
     with the messages that follow.
+
+    The subscription goes on from ``resume``, the channel's newest timestamp when the gap was
+    found, in the history named ``epoch``: its position now (see ``Subscription.position``).
     """
 
-    def __init__(self, channel: str, since: int) -> None:
+    def __init__(
+        self, channel: str, since: int, resume: int | None = None, epoch: str | None = None
+    ) -> None:
         super().__init__(
             f"messages on {channel!r} after {since} are gone; reload the channel's state"
         )
         self.channel = channel
         self.since = since
+        self.resume = resume
+        self.epoch = epoch
 
 
 # They read as replaylog.ConnectionError and so on in tracebacks: the names users catch.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from typing import Any
 
 from django.db.models import F
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
@@ -16,6 +17,7 @@ from django.views.decorators.http import require_http_methods
 
 import replaylog
 from replaylog.django import abroadcast_on_commit, broadcast_on_commit
+from replaylog.django.views import EventStreamView
 
 from .models import Message, Room
 
@@ -132,3 +134,24 @@ async def stream(request: HttpRequest, room: str) -> HttpResponse:
     response["Cache-Control"] = "no-cache"
     response["X-Accel-Buffering"] = "no"
     return response
+
+
+# --- EventStreamView: server-sent events with Last-Event-ID resume (tests/test_event_stream.py) --
+
+
+class RoomEvents(EventStreamView):
+    """``/events/<rooms>/``: the rooms, ``+``-separated; room ``forbidden`` answers 403.
+
+    After a reset it sends a ``snapshot`` event per reset channel when ``?snapshot=1``.
+    """
+
+    def get_channels(self, request: HttpRequest, rooms: str) -> list[str]:
+        return rooms.split("+")
+
+    def has_permission(self, request: HttpRequest, channels: list[str]) -> bool:
+        return "forbidden" not in channels
+
+    def reset_events(self, request: HttpRequest, channels: list[str]) -> list[tuple[str, Any]]:
+        if request.GET.get("snapshot") != "1":
+            return []
+        return [("snapshot", {"channel": c, "size": len(replaylog.unspool(c))}) for c in channels]
