@@ -39,6 +39,12 @@ def sleeps_per_paused_call(call: Callable[[], Any], pauser: redis.Redis) -> floa
     return switches / CALLS
 
 
+def fewest_sleeps(call: Callable[[], Any], pauser: redis.Redis, rounds: int = 3) -> float:
+    """The best of a few rounds of ``sleeps_per_paused_call``: a loaded machine (Redis itself
+    starved past the polling budget) only ever adds sleeps, never takes them away."""
+    return min(sleeps_per_paused_call(call, pauser) for _ in range(rounds))
+
+
 def broadcaster(log: replaylog.ReplayLog) -> Callable[[], Any]:
     return lambda: log.broadcast("room", "message", {"text": "hi"})
 
@@ -62,7 +68,7 @@ def test_a_lone_call_polls_instead_of_sleeping(replaylog_url: str, pauser: redis
         # A loaded machine can make a polling call sleep now and then (preempted past its
         # budget), and spare a sleeping one its sleep (preempted until the reply is in): the
         # twins are told apart by how much more the sleeping one sleeps, in the same run.
-        polled = sleeps_per_paused_call(broadcaster(polling), pauser)
+        polled = fewest_sleeps(broadcaster(polling), pauser)
         slept = sleeps_per_paused_call(broadcaster(sleeping), pauser)
         assert slept >= 0.8 and polled <= slept - 0.5, (polled, slept)
         # Replies read while polling are the same replies.
@@ -101,7 +107,7 @@ def test_no_poll_while_another_thread_waits_on_redis(
         waiter.join()
         assert errors and isinstance(errors[0], (replaylog.TimeoutError, replaylog.ConnectionError))
         # Alone again: polling is back.
-        assert sleeps_per_paused_call(broadcaster(log), pauser) <= 0.5
+        assert fewest_sleeps(broadcaster(log), pauser) <= 0.5
     finally:
         hung.close()
         log.close()
@@ -129,7 +135,7 @@ def test_replies_slower_than_the_budget_stop_the_polling(
         extra_cpu = cpu_of_slow_calls(log) - cpu_of_slow_calls(never_polls)
         assert extra_cpu < 0.030, f"{extra_cpu * 1e3:.1f} ms of CPU spent polling"
         # Replies within the budget turn polling back on.
-        assert sleeps_per_paused_call(broadcaster(log), pauser) <= 0.5
+        assert fewest_sleeps(broadcaster(log), pauser) <= 0.5
     finally:
         log.close()
         never_polls.close()
