@@ -9,7 +9,7 @@
 use std::future::Future;
 use std::ptr;
 use std::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
@@ -18,6 +18,7 @@ use redis::{Client, ConnectionInfo, IntoConnectionInfo, ProtocolVersion, RedisRe
 use tokio::runtime::Runtime;
 
 use crate::bulk::BulkConnection;
+use crate::hub::Hub;
 
 /// Which runtime a call runs on.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -232,13 +233,14 @@ pub struct Settings {
     pub subscription_buffer_bytes: usize,
 }
 
-/// A log's connections in this process, per runtime flavor.
+/// A log's connections in this process, per runtime flavor, and its pub/sub hub.
 #[derive(Default)]
 struct ProcessConnections {
     calling: Mutex<Option<ConnectionManager>>,
     background: Mutex<Option<ConnectionManager>>,
     calling_bulk: Mutex<BulkPool>,
     background_bulk: Mutex<BulkPool>,
+    hub: OnceLock<Hub>,
 }
 
 impl ProcessConnections {
@@ -335,6 +337,18 @@ impl Connection {
     /// This process's connections (a forked child starts with none).
     fn process(&self) -> &ProcessConnections {
         self.process.get(ProcessConnections::default)
+    }
+
+    /// This process's pub/sub connection for the log's subscriptions, started on first use.
+    pub fn hub(&self) -> RedisResult<&Hub> {
+        let process = self.process();
+        if let Some(hub) = process.hub.get() {
+            return Ok(hub);
+        }
+        let client = Client::open(self.info.clone())?;
+        Ok(process
+            .hub
+            .get_or_init(|| Hub::start(client, self.settings.connect_timeout)))
     }
 
     pub fn connection_info(&self) -> &ConnectionInfo {

@@ -6,11 +6,13 @@ mod bulk;
 mod connection;
 mod convert;
 mod errors;
+mod hub;
 mod json;
 mod store;
 mod subscription;
 
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -27,6 +29,7 @@ use convert::{
     parse_since, triple, type_name,
 };
 use errors::{python_error, Failure};
+use hub::Membership;
 use json::Encoder;
 use store::{Layout, Limits, Outgoing, ReplayRequest, Store, Uses};
 use subscription::{message_prev, message_timestamp, Delivery, Next, Request, Subscription};
@@ -386,12 +389,14 @@ impl NativeLog {
         }
         let store = self.store.clone();
         let open = async move {
-            let (subscription, listener) = Subscription::open(store, requests).await?;
+            let (subscription, membership) = Subscription::open(store, requests).await?;
             Ok(NativeSubscription {
                 names: subscription.names.clone(),
                 start: subscription.start.clone(),
+                queued_bytes: subscription.buffered_bytes.clone(),
                 inner: Arc::new(tokio::sync::Mutex::new(subscription)),
-                tasks: Mutex::new(vec![listener]),
+                membership: Mutex::new(Some(membership)),
+                tasks: Mutex::new(Vec::new()),
                 pid: std::process::id(),
             })
         };
@@ -521,8 +526,11 @@ struct NativeSubscription {
     /// Per channel, `(cursor, epoch)` where the stream starts (see `Subscription::start`).
     start: Vec<(i64, String)>,
     inner: Arc<tokio::sync::Mutex<Subscription>>,
-    /// The pub/sub task (ending it closes the connection and the stream), and the task
-    /// feeding an asyncio queue when iterated asynchronously.
+    /// Bytes of live messages waiting for this consumer (see `hub::Queue`).
+    queued_bytes: Arc<AtomicUsize>,
+    /// Its place on the log's shared pub/sub connection: leaving ends the stream.
+    membership: Mutex<Option<Membership>>,
+    /// The task feeding an asyncio queue when iterated asynchronously.
     tasks: Mutex<Vec<JoinHandle<()>>>,
     /// The process that opened it: a forked child inherits it, but not its tasks' threads.
     pid: u32,
@@ -631,9 +639,17 @@ impl NativeSubscription {
     fn close(&self, py: Python<'_>) {
         let tasks: Vec<JoinHandle<()>> =
             std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        let membership = self
+            .membership
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
         if self.inherited() {
-            // The parent's tasks: its runtime has no threads here to end them.
+            // The parent's: its runtime has no threads here to end them.
             std::mem::forget(tasks);
+            if let Some(membership) = membership {
+                membership.forget();
+            }
             return;
         }
         for task in &tasks {
@@ -645,8 +661,17 @@ impl NativeSubscription {
                 for task in tasks {
                     let _ = task.await;
                 }
+                if let Some(membership) = membership {
+                    membership.leave().await;
+                }
             })
         });
+    }
+
+    /// Bytes of live messages waiting to be read: at most `subscription_buffer_bytes`.
+    #[getter]
+    fn queued_bytes(&self) -> usize {
+        self.queued_bytes.load(Ordering::Relaxed)
     }
 
     #[getter]
@@ -675,10 +700,19 @@ impl Drop for NativeSubscription {
     /// dropped task handle would only detach the task.
     fn drop(&mut self) {
         let tasks = std::mem::take(self.tasks.get_mut().unwrap_or_else(|p| p.into_inner()));
+        let membership = self
+            .membership
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
         if self.inherited() {
             std::mem::forget(tasks);
+            if let Some(membership) = membership {
+                membership.forget();
+            }
             return;
         }
+        // Dropping the membership leaves the hub.
         for task in tasks {
             task.abort();
         }

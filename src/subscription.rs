@@ -9,54 +9,36 @@
 //! Each stored message names the one before it (`prev`). A live message that does not follow
 //! the last one delivered means something was missed (the pub/sub connection dropped, this
 //! consumer fell behind, Redis lost its data): the log is read again from the cursor, which
-//! either fills the hole or reports a gap. When the connection drops, a background task
-//! reconnects and subscribes again, and asks for that same catch-up.
+//! either fills the hole or reports a gap. When the connection drops, the hub (`hub.rs`, the
+//! pub/sub connection this subscription shares with the others of its log) reconnects and
+//! subscribes again, and asks for that same catch-up.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::StreamExt;
-use redis::{Client, RedisResult};
-use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinHandle;
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::connection::{runtime, Flavor};
+use crate::connection::Flavor;
 use crate::errors::Failure;
+use crate::hub::{Event, Membership, Queue, QUEUED_MESSAGES};
 use crate::store::{ChannelKeys, ReplayRequest, Since, Store, Uses};
 
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(1);
 const FIRST_RETRY_DELAY: Duration = Duration::from_millis(20);
-
-/// Messages buffered between the pub/sub connection and a consumer that lags; their bytes are
-/// bounded too (`subscription_buffer_bytes`). When either is full the connection is closed
-/// (redis-rs would otherwise keep reading into a queue of its own, and Redis's own output
-/// limit never sees a client that reads eagerly); once the consumer has drained half, the
-/// subscription is made again and the log fills the hole, as after any disconnect.
-const BUFFERED_MESSAGES: usize = 10_000;
 
 /// The messages a catch-up reads from one log in one request: a cursor far behind is read in
 /// pages, each delivered before the next is read, so Redis is never held long and the
 /// consumer's queue stays small.
 const CATCH_UP_PAGE: u64 = 1_000;
 
-/// What the pub/sub task reports.
-enum Event {
-    /// Subscribed (again): what was published meanwhile is only in the log.
-    CatchUp,
-    Message {
-        channel: usize,
-        payload: Vec<u8>,
-    },
-}
-
 /// What the consumer gets, in order.
 pub enum Delivery {
     Message {
         channel: usize,
-        payload: Vec<u8>,
+        payload: Arc<[u8]>,
     },
     /// Messages after `since` on this channel are gone and cannot be replayed; the
     /// subscription goes on from `resume`, the newest timestamp, in history `epoch`.
@@ -103,8 +85,8 @@ pub struct Subscription {
     keys: Vec<ChannelKeys>,
     positions: Vec<Position>,
     events: mpsc::Receiver<Event>,
-    /// Payload bytes in `events`, added by the listener and taken off here.
-    buffered_bytes: Arc<AtomicUsize>,
+    /// Payload bytes in `events`, added by the hub and taken off here.
+    pub buffered_bytes: Arc<AtomicUsize>,
     ready: VecDeque<Delivery>,
     /// Set when the log must be read again. A catch-up is never cut short by a wait, and
     /// one that fails (Redis unreachable) is tried again, so nothing is lost either way.
@@ -113,45 +95,33 @@ pub struct Subscription {
 }
 
 impl Subscription {
-    /// Subscribes to every channel and reads the logs from the cursors; returns once that is
-    /// done, or fails within the connect timeout. Aborting the returned handle closes the
-    /// pub/sub connection.
+    /// Subscribes to every channel (on the log's shared pub/sub connection, see `hub`) and
+    /// reads the logs from the cursors; returns once that is done, or fails within the
+    /// connect timeout. Dropping the returned membership leaves the hub.
     pub async fn open(
         store: Arc<Store>,
         channels: Vec<Request>,
-    ) -> Result<(Subscription, JoinHandle<()>), Failure> {
-        let settings = store.settings().clone();
-        let client = Client::open(store.connection().connection_info().clone())
-            .map_err(|e| store.failure(&e, "subscribe"))?;
+    ) -> Result<(Subscription, Membership), Failure> {
         let keys: Vec<ChannelKeys> = channels
             .iter()
             .map(|request| store.layout.channel_keys(&request.channel))
             .collect();
         let pubsub_names: Vec<Vec<u8>> = keys.iter().map(|k| k.pubsub.clone()).collect();
-        let (sender, events) = mpsc::channel(BUFFERED_MESSAGES);
+        let (sender, events) = mpsc::channel(QUEUED_MESSAGES);
         let buffered_bytes = Arc::new(AtomicUsize::new(0));
-        let (first, first_result) = oneshot::channel();
-        let listener = runtime(Flavor::Background).spawn(listen(
-            client,
-            pubsub_names,
-            settings.connect_timeout,
-            Buffer {
-                events: sender,
-                bytes: buffered_bytes.clone(),
-                max_bytes: settings.subscription_buffer_bytes,
-            },
-            first,
-        ));
-        let subscribed = first_result.await.unwrap_or_else(|_| {
-            Err(redis::RedisError::from((
-                redis::ErrorKind::Io,
-                "the subscription task stopped",
-            )))
-        });
-        if let Err(e) = subscribed {
-            listener.abort();
-            return Err(store.failure(&e, "subscribe"));
-        }
+        let queue = Queue {
+            events: sender,
+            bytes: buffered_bytes.clone(),
+            max_bytes: store.settings().subscription_buffer_bytes,
+        };
+        let hub = store
+            .connection()
+            .hub()
+            .map_err(|e| store.failure(&e, "subscribe"))?;
+        let membership = hub
+            .join(pubsub_names, queue)
+            .await
+            .map_err(|e| store.failure(&e, "subscribe"))?;
         let names = channels.iter().map(|r| r.channel.clone()).collect();
         let requested: Vec<(Option<i64>, String)> = channels
             .into_iter()
@@ -179,7 +149,7 @@ impl Subscription {
         // Read the logs now, not at the first `next`: "from now" means from the subscription.
         if let Some(Event::CatchUp) = subscription.events.recv().await {
             if let Err(failure) = subscription.catch_up().await {
-                listener.abort();
+                membership.leave().await;
                 return Err(failure);
             }
         }
@@ -196,7 +166,7 @@ impl Subscription {
                 (cursor, epoch)
             })
             .collect();
-        Ok((subscription, listener))
+        Ok((subscription, membership))
     }
 
     /// The next delivery, waiting at most `wait` (None: as long as it takes).
@@ -211,7 +181,7 @@ impl Subscription {
                     self.retry_delay = FIRST_RETRY_DELAY;
                     continue;
                 }
-                // Redis is unreachable; the listener is reconnecting too. Try again soon.
+                // Redis is unreachable; the hub is reconnecting too. Try again soon.
                 let pause = Instant::now() + self.retry_delay;
                 self.retry_delay = (self.retry_delay * 2).min(MAX_RETRY_DELAY);
                 match deadline {
@@ -264,7 +234,7 @@ impl Subscription {
 
     /// A live message, if it is the one that follows the cursor. One already delivered by a
     /// replay is dropped; any other means a hole, and the log is read again.
-    fn accept(&mut self, channel: usize, payload: Vec<u8>) -> Option<Delivery> {
+    fn accept(&mut self, channel: usize, payload: Arc<[u8]>) -> Option<Delivery> {
         self.buffered_bytes
             .fetch_sub(payload.len(), Ordering::Relaxed);
         // A message without a timestamp is not replaylog's: nothing to order it by.
@@ -339,113 +309,13 @@ impl Subscription {
                 if let Some(timestamp) = message_timestamp(&payload) {
                     position.cursor = Some(timestamp);
                 }
-                self.ready.push_back(Delivery::Message { channel, payload });
+                self.ready.push_back(Delivery::Message {
+                    channel,
+                    payload: payload.into(),
+                });
             }
         }
         Ok(())
-    }
-}
-
-/// Keeps a pub/sub connection subscribed, reconnecting with backoff, and forwards what
-/// arrives. The first attempt's outcome goes to `first`; later failures only delay.
-async fn listen(
-    client: Client,
-    pubsub_names: Vec<Vec<u8>>,
-    connect_timeout: Duration,
-    buffer: Buffer,
-    first: oneshot::Sender<RedisResult<()>>,
-) {
-    let events = &buffer.events;
-    let index: HashMap<Vec<u8>, usize> = pubsub_names
-        .iter()
-        .enumerate()
-        .map(|(i, name)| (name.clone(), i))
-        .collect();
-    let mut first = Some(first);
-    let mut delay = FIRST_RETRY_DELAY;
-    loop {
-        let attempt = tokio::time::timeout(connect_timeout, async {
-            let mut pubsub = client.get_async_pubsub().await?;
-            pubsub.subscribe(&pubsub_names).await?;
-            RedisResult::Ok(pubsub)
-        })
-        .await
-        .unwrap_or_else(|_| {
-            Err(redis::RedisError::from((
-                redis::ErrorKind::Io,
-                "timed out connecting",
-            )))
-        });
-        let mut pubsub = match attempt {
-            Ok(pubsub) => pubsub,
-            Err(error) => {
-                if let Some(first) = first.take() {
-                    let _ = first.send(Err(error));
-                    return;
-                }
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(MAX_RETRY_DELAY);
-                continue;
-            }
-        };
-        delay = FIRST_RETRY_DELAY;
-        if let Some(first) = first.take() {
-            let _ = first.send(Ok(()));
-        }
-        if events.send(Event::CatchUp).await.is_err() {
-            return;
-        }
-        let mut overflowed = false;
-        let mut messages = pubsub.on_message();
-        while let Some(message) = messages.next().await {
-            let Some(&channel) = index.get(message.get_channel_name().as_bytes()) else {
-                continue;
-            };
-            let payload = message.get_payload_bytes();
-            // One message larger than the bound still goes through an empty queue.
-            let held = buffer.bytes.load(Ordering::Relaxed);
-            if held > 0 && held + payload.len() > buffer.max_bytes {
-                overflowed = true;
-                break;
-            }
-            let size = payload.len();
-            let payload = payload.to_vec();
-            match events.try_send(Event::Message { channel, payload }) {
-                Ok(()) => {
-                    buffer.bytes.fetch_add(size, Ordering::Relaxed);
-                }
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    overflowed = true;
-                    break;
-                }
-                Err(mpsc::error::TrySendError::Closed(_)) => return,
-            }
-        }
-        // The connection dropped, or the consumer lags: close it, subscribe again (once the
-        // consumer has room), then catch up.
-        drop(messages);
-        drop(pubsub);
-        while overflowed && !buffer.has_room() {
-            if events.is_closed() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-}
-
-/// The listener's side of the queue to the consumer, with the bytes it holds.
-struct Buffer {
-    events: mpsc::Sender<Event>,
-    bytes: Arc<AtomicUsize>,
-    max_bytes: usize,
-}
-
-impl Buffer {
-    /// Whether the consumer has drained half of what the queue holds, in count and bytes.
-    fn has_room(&self) -> bool {
-        self.events.capacity() >= BUFFERED_MESSAGES / 2
-            && self.bytes.load(Ordering::Relaxed) <= self.max_bytes / 2
     }
 }
 

@@ -92,6 +92,12 @@ class Subscription:
         resumes with nothing lost and nothing repeated."""
         return dict(self._positions)
 
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes of live messages received for this subscription and not read yet: at most
+        ``subscription_buffer_bytes``; past it, the rest is read from the log later."""
+        return self._native.queued_bytes
+
     def __iter__(self) -> Subscription:
         return self
 
