@@ -6,11 +6,11 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use pyo3::prelude::*;
-use pyo3::sync::PyOnceLock;
 use pyo3::types::PyList;
 
 use crate::connection::{runtime, Flavor};
 use crate::errors::Failure;
+use crate::process_local::ProcessLocal;
 
 /// Runs `work` on the runtime, then resolves `future` on `event_loop` with `convert`'s
 /// result, or with the failure as an exception.
@@ -57,9 +57,10 @@ pub fn deliver(
 }
 
 fn helper<'py>(py: Python<'py>, name: &str) -> PyResult<Bound<'py, PyAny>> {
-    static MODULE: PyOnceLock<Py<PyModule>> = PyOnceLock::new();
-    let module =
-        MODULE.get_or_try_init(py, || PyResult::Ok(py.import("replaylog._aio")?.unbind()))?;
+    // Not a PyOnceLock: one that a parent's thread was filling at a fork would block the
+    // child forever.
+    static MODULE: ProcessLocal<Py<PyModule>> = ProcessLocal::new();
+    let module = MODULE.get_or_try(|| PyResult::Ok(py.import("replaylog._aio")?.unbind()))?;
     module.bind(py).getattr(name)
 }
 

@@ -2,9 +2,10 @@
 
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
-use pyo3::sync::PyOnceLock;
 use pyo3::types::PyType;
 use redis::RedisError;
+
+use crate::process_local::ProcessLocal;
 
 /// What went wrong, decided without the GIL; made into a Python exception later.
 #[derive(Debug)]
@@ -104,10 +105,9 @@ fn refusal_class(code: &str) -> &'static str {
 }
 
 fn error_class<'py>(py: Python<'py>, name: &str) -> PyResult<Bound<'py, PyType>> {
-    static MODULE: PyOnceLock<Py<PyModule>> = PyOnceLock::new();
-    let module = MODULE.get_or_try_init(py, || {
-        PyResult::Ok(py.import("replaylog._errors")?.unbind())
-    })?;
+    // Not a PyOnceLock: see `aio::helper`.
+    static MODULE: ProcessLocal<Py<PyModule>> = ProcessLocal::new();
+    let module = MODULE.get_or_try(|| PyResult::Ok(py.import("replaylog._errors")?.unbind()))?;
     module
         .bind(py)
         .getattr(name)?

@@ -8,6 +8,7 @@ mod convert;
 mod errors;
 mod hub;
 mod json;
+mod process_local;
 mod store;
 mod subscription;
 

@@ -12,7 +12,9 @@ import threading
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from . import _paging, _settings
+# _aio is imported now, not by the Rust core on first use from its own thread: an import
+# that a fork cut short would leave the child unable to finish any asyncio call.
+from . import _aio, _paging, _settings  # noqa: F401
 from ._errors import (
     ConfigurationError,
     ConnectionError,
