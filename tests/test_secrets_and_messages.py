@@ -1,14 +1,19 @@
-"""A password in the URL never shows, whatever form the URL takes."""
+"""A password in the URL never shows, whatever form the URL takes; input errors say what is wrong
+and, in a batch, which item."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import re
 import textwrap
 from collections.abc import Iterator
+from typing import Any
 from urllib.parse import quote
 
 import pytest
-from conftest import free_port, last_json_line, run_python
+import redis
+from conftest import PublishWatcher, free_port, last_json_line, run_python, snapshot
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -220,3 +225,87 @@ def test_django_checks_never_show_the_password() -> None:
     shown = last_json_line(proc)
     assert shown, "the checks found nothing wrong with any URL"
     assert_hidden(PIECES, "any", shown)
+
+
+# --------------------------------------------------------------------------- input errors
+
+
+@pytest.mark.parametrize("channels", [b"room", bytearray(b"room"), memoryview(b"room"), None, 42])
+def test_subscribe_says_what_channels_must_be(
+    replay_log: replaylog.ReplayLog, channels: Any
+) -> None:
+    message = rf"^channels must be a str or an iterable of str, not {type(channels).__name__}$"
+    with pytest.raises(TypeError, match=message):
+        replay_log.subscribe(channels)
+    with pytest.raises(TypeError, match=message):
+        replay_log.asubscribe(channels)
+    with pytest.raises(TypeError, match=message):
+        replaylog.subscribe(channels)
+
+
+class Widget:
+    pass
+
+
+def circular_list() -> list[Any]:
+    items: list[Any] = [1]
+    items.append([items])
+    return items
+
+
+@pytest.mark.parametrize(
+    "content, error",
+    [
+        (float("nan"), ValueError),
+        (Widget(), TypeError),
+        ({1j: 1}, TypeError),
+        (circular_list(), ValueError),
+    ],
+)
+def test_broadcast_many_names_the_item_of_a_json_error(
+    replay_log: replaylog.ReplayLog,
+    rdb: redis.Redis,
+    watcher: PublishWatcher,
+    content: Any,
+    error: type[Exception],
+) -> None:
+    before = snapshot(rdb)
+    with pytest.raises(error) as alone:
+        replay_log.broadcast("ch", "e", content)
+    expected = f"^{re.escape(f'broadcast_many item 2: {alone.value}')}$"
+    items = [("ch", "e", 1), ("ch", "e", 2), ("ch", "e", content), ("ch", "e", 3)]
+    with pytest.raises(error, match=expected):
+        replay_log.broadcast_many(items)
+    with pytest.raises(error, match=expected):
+        asyncio.run(replay_log.abroadcast_many(items))
+    with pytest.raises(error, match=expected):
+        replaylog.broadcast_many(items)
+    assert watcher.published() == []
+    assert snapshot(rdb) == before
+
+
+class Refusal(Exception):
+    pass
+
+
+def refusing_default(obj: Any) -> Any:
+    raise Refusal("not this one")
+
+
+def test_broadcast_many_names_the_item_of_a_shape_error_once(
+    replay_log: replaylog.ReplayLog, rdb: redis.Redis
+) -> None:
+    before = snapshot(rdb)
+    for item, message in [
+        (("ch", "e"), r"expected a \(channel, event_name, content\) tuple, got 2 items"),
+        (["ch", "e", 1], r"expected a \(channel, event_name, content\) tuple, not list"),
+        ((None, "e", 1), "channel must be str, not NoneType"),
+        (("ch", 5, 1), "event_name must be str, not int"),
+    ]:
+        with pytest.raises(TypeError, match=rf"^broadcast_many item 1: {message}$"):
+            replay_log.broadcast_many([("ch", "e", 0), item])
+    assert snapshot(rdb) == before
+    # What a default raises is the caller's own: it passes unchanged.
+    with pytest.raises(Refusal, match="^not this one$"):
+        replay_log.broadcast_many([("ch", "e", 0), ("ch", "e", Widget())], default=refusing_default)
+    assert snapshot(rdb) == before
