@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::exceptions::{PyRecursionError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
 use redis::aio::ConnectionManager;
@@ -136,9 +136,10 @@ impl NativeLog {
         // Everything is serialized before anything is sent: one bad item writes nothing.
         let mut messages = Vec::with_capacity(items.len());
         for (index, item) in items.iter().enumerate() {
-            let (channel, event_name, content) = triple(&item)
-                .map_err(|e| PyTypeError::new_err(format!("broadcast_many item {index}: {e}")))?;
-            messages.push(self.encode(&channel, &event_name, &content, default, None)?);
+            let message = triple(&item).and_then(|(channel, event_name, content)| {
+                self.encode(&channel, &event_name, &content, default, None)
+            });
+            messages.push(message.map_err(|e| naming_item(py, e, index))?);
         }
         self.dispatch(
             py,
@@ -782,6 +783,24 @@ fn incomplete_replay(
         "IncompleteReplayError",
         (channel.to_owned(), since, resume, epoch),
     )
+}
+
+/// `error`, raised for item `index` of a `broadcast_many`, saying which item it is about: a
+/// plain TypeError, ValueError or RecursionError (what input checks and serialization raise)
+/// gains the item in its message; any other exception, such as one of a `default`'s own, passes
+/// unchanged.
+fn naming_item(py: Python<'_>, error: PyErr, index: usize) -> PyErr {
+    let value = error.value(py);
+    if value.is_exact_instance_of::<PyTypeError>()
+        || value.is_exact_instance_of::<PyValueError>()
+        || value.is_exact_instance_of::<PyRecursionError>()
+    {
+        let message = format!("broadcast_many item {index}: {value}");
+        if let Err(e) = value.setattr("args", (message,)) {
+            return e;
+        }
+    }
+    error
 }
 
 fn seconds(value: f64) -> PyResult<Duration> {

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
+from itertools import groupby
+from operator import itemgetter
 from typing import Any, Callable
+from urllib.parse import unquote_plus
 
 from ._errors import ConfigurationError
 
@@ -179,23 +183,66 @@ def as_prefix(name: str, value: Any) -> str:
     return value
 
 
+# Query parameters that hold a password: redis-rs reads ``pass`` (for unix sockets), redis-py
+# ``password``.
+_PASSWORD_PARAMS = ("pass", "password")
+# redis-rs's URL parser drops these wherever they are, so they never delimit anything.
+_DROPPED_CHARACTERS = str.maketrans("", "", "\t\n\r")
+# A "://" further on may be in the password.
+_SCHEME = re.compile(r"[\x00-\x20]*[a-zA-Z][a-zA-Z0-9+.-]*://")
+
+
 def mask_url(url: str) -> str:
-    """The URL with any password replaced by ``***``, for messages and reprs."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        return url
-    netloc, slash, tail = rest.partition("/")
-    if "@" in netloc:
-        userinfo, host = netloc.rsplit("@", 1)
-        user = userinfo.split(":", 1)[0] if ":" in userinfo else ""
-        netloc = f"{user}:***@{host}" if ":" in userinfo else f"***@{host}"
-    masked_tail = tail
-    if "pass=" in tail or "password=" in tail:
-        query_start = tail.find("?")
-        params = tail[query_start + 1 :].split("&")
-        params = [
-            p.split("=", 1)[0] + "=***" if p.split("=", 1)[0] in ("pass", "password") else p
-            for p in params
-        ]
-        masked_tail = tail[: query_start + 1] + "&".join(params)
-    return f"{scheme}://{netloc}{slash}{masked_tail}"
+    """The URL with every part that may hold a password replaced by ``***``, for messages and reprs.
+
+    A password with an unencoded "/", "?", "#" or "@" is read one way by redis-rs, whose userinfo
+    ends before the first "/", "?" or "#", and another by whoever wrote it, for whom it ends at
+    the last "@"; so is a malformed URL. Both readings are masked.
+    """
+    url = url.translate(_DROPPED_CHARACTERS)
+    scheme = _SCHEME.match(url)
+    start = scheme.end() if scheme else 0
+    delimiters = [i for i in (url.find(c, start) for c in "/?#") if i >= 0]
+    authority_end = min(delimiters, default=len(url))
+    userinfo_ends = {url.rfind("@", start, authority_end), url.rfind("@", start)} - {-1}
+    secret_spans: list[tuple[int, int]] = []
+    for userinfo_end in userinfo_ends:
+        # Without a ":", the userinfo is a user name or a token: hide it all.
+        password_start = url.find(":", start, userinfo_end) + 1 or start
+        secret_spans.append((password_start, userinfo_end))
+    for location_start in {start} | {end + 1 for end in userinfo_ends}:
+        secret_spans += _query_secrets(url, location_start)
+    hidden = [False] * len(url)
+    for secret_start, secret_end in secret_spans:
+        hidden[secret_start:secret_end] = [True] * (secret_end - secret_start)
+    return "".join(
+        "***" if hide else "".join(c for _, c in run)
+        for hide, run in groupby(zip(hidden, url), key=itemgetter(0))
+    )
+
+
+def _query_secrets(url: str, location_start: int) -> list[tuple[int, int]]:
+    """The spans of password values in the query that follows ``location_start``."""
+    fragment = url.find("#", location_start)
+    query_end = fragment if fragment >= 0 else len(url)
+    query = url.find("?", location_start, query_end)
+    if query < 0:
+        return []
+    spans = []
+    in_password = False
+    position = query + 1
+    for param in url[query + 1 : query_end].split("&"):
+        name, equals, _ = param.partition("=")
+        if equals and unquote_plus(name).lower() in _PASSWORD_PARAMS:
+            spans.append((position + len(name) + 1, position + len(param)))
+            in_password = True
+        elif in_password and not equals:
+            # Not a parameter: the rest of a password with an unencoded "&".
+            spans.append((position - 1, position + len(param)))
+        else:
+            in_password = False
+        position += len(param) + 1
+    if in_password and fragment >= 0 and url[fragment + 1 :] != "insecure":
+        # The rest of a password with an unencoded "#".
+        spans.append((fragment, len(url)))
+    return spans

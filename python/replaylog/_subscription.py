@@ -28,7 +28,15 @@ def subscription_requests(
     channels: str | Iterable[str], since: Since
 ) -> list[tuple[str, int | None, str | None]]:
     """``[(channel, cursor or None, epoch or None)]`` from the forms ``subscribe`` accepts."""
-    names = [channels] if isinstance(channels, str) else list(dict.fromkeys(channels))
+    if isinstance(channels, str):
+        names = [channels]
+    elif isinstance(channels, (bytes, bytearray, memoryview)) or not _iterable(channels):
+        # Bytes iterate as ints, which would make a baffling message.
+        raise TypeError(
+            f"channels must be a str or an iterable of str, not {type(channels).__name__}"
+        )
+    else:
+        names = list(dict.fromkeys(channels))
     if not names:
         raise ValueError("subscribe needs at least one channel")
     for name in names:
@@ -48,6 +56,14 @@ def cursor_and_epoch(value: Any) -> tuple[int | None, str | None]:
             raise TypeError(f"epoch must be str or None, not {type(value.epoch).__name__}")
         return cursor(value.cursor), value.epoch
     return cursor(value), None
+
+
+def _iterable(value: Any) -> bool:
+    try:
+        iter(value)
+    except TypeError:
+        return False
+    return True
 
 
 def cursor(value: Any) -> int | None:

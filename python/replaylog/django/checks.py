@@ -45,7 +45,10 @@ def _check_url(name: str, value: Any) -> str:
     """``as_url``, plus clear messages for the host, port and database number."""
     url = _settings.as_url(name, value)
     masked = _settings.mask_url(url)
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # its message may quote the password
+        raise ConfigurationError(f"{name} is malformed: {masked!r}") from None
     if parts.scheme in ("redis", "rediss"):
         try:
             port = parts.port
