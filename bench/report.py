@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -449,7 +450,9 @@ def chart(results: dict[str, Any], path: Path) -> None:
         )
     ax.set_yscale("log")
     ax.set_xticks(range(len(shown)))
-    ax.set_xticklabels([f"{label}\n(per {unit})" for _, label, unit in shown], fontsize=8)
+    ax.set_xticklabels(
+        [textwrap.fill(f"{label} (per {unit})", 18) for _, label, unit in shown], fontsize=8
+    )
     ax.set_ylabel("µs per unit (log scale, lower is better)")
     ax.set_title("replaylog vs the article's code and a strong Python peer")
     ax.legend(fontsize=8)
