@@ -315,6 +315,45 @@ def limit_lines(results: dict[str, Any], bullet: str) -> list[str]:
     return lines
 
 
+BAR_STEP = 0.1  # one █ per 0.1×
+BAR_MAX = 4.0  # longer bars are cut here and end in ▶
+EIGHTHS = ("", "▏", "▎", "▍", "▌", "▋", "▊", "▉")
+
+
+def bar(value: float) -> str:
+    full, eighths = divmod(round(min(value, BAR_MAX) / BAR_STEP * 8), 8)
+    return "█" * full + EIGHTHS[eighths] + ("▶" if value > BAR_MAX else "")
+
+
+def ratio_bars(results: dict[str, Any], keys: tuple[str, ...] | None = None) -> str:
+    """How many times longer the article and the peer take than replaylog, as text bars; for
+    the sporadic median, also the peer against the bare socket: the most any client gets."""
+    w = results["workloads"]
+    rows: list[tuple[str, str, float]] = []
+    for key, label, _ in workloads(results):
+        if keys is not None and key not in keys:
+            continue
+        cells = w.get(key, {})
+        for name in ("article", "peer"):
+            value = ratio(cells.get(name), cells.get("replaylog"))
+            if value is not None:
+                rows.append((label, f"{name} / replaylog", value))
+        bare = results.get("limits", {}).get("sporadic_bare")
+        if key == "sporadic" and bare and cells.get("peer"):
+            rows.append((label, "peer / bare socket", cells["peer"] / bare["median"]))
+    label_width = max(len(label) for label, _, _ in rows)
+    what_width = max(len(what) for _, what, _ in rows)
+    bar_width = round(BAR_MAX / BAR_STEP) + 1
+    lines, previous = [], None
+    for label, what, value in rows:
+        shown = label if label != previous else ""
+        previous = label
+        lines.append(
+            f"{shown:<{label_width}}  {what:<{what_width}}  {bar(value):<{bar_width}} {value:.2f}×"
+        )
+    return "\n".join(lines)
+
+
 def console(results: dict[str, Any]) -> str:
     title = "replaylog benchmark" + (
         " (smoke: tiny sizes, targets not meaningful)" if results["smoke"] else ""
@@ -329,6 +368,9 @@ def console(results: dict[str, Any]) -> str:
         "",
         "Busy polling (replaylog's default against busy_poll_us=200):",
         polling_table(results, markdown=False),
+        "",
+        "Times longer than replaylog takes (█ = 0.1×):",
+        ratio_bars(results),
         "",
         extras(results, markdown=False),
     ]
@@ -360,6 +402,14 @@ def markdown(results: dict[str, Any]) -> str:
         "(above 1× means replaylog is faster).",
         "",
         main_table(results, markdown=True),
+        "",
+        "The same as bars: how many times longer the article and the peer take than replaylog "
+        "(█ = 0.1×, cut at 4× with ▶); for the sporadic median, also the peer against a bare "
+        "socket, the most any client gets there.",
+        "",
+        "```",
+        ratio_bars(results),
+        "```",
         "",
         "Client CPU per unit in µs: user + system time of the process (or, for the processes "
         "workload, the worker processes) that made the calls, all its threads; Redis's own CPU "
