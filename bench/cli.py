@@ -16,7 +16,7 @@ from typing import Any, Callable
 import redis
 
 from bench import floors, measure, report
-from bench.impls import BROADCAST_LUA, IMPLEMENTATIONS, Peer, require_hiredis
+from bench.impls import BROADCAST_LUA, IMPLEMENTATIONS, POLLING, Peer, require_hiredis
 from bench.measure import EXPIRE_MS, FULL, SMOKE, Sizes
 from bench.payload import EVENT_NAME, chat_messages, content_size, stored_size
 from bench.server import RedisServer
@@ -106,23 +106,28 @@ def run(url: str, sizes: Sizes, smoke: bool) -> dict[str, Any]:
             "load_average_start": os.getloadavg(),
         },
         "payload": {"content_bytes": content_size(), "stored_bytes": stored_size()},
-        "workloads": {},  # workload -> implementation -> seconds per unit
+        "workloads": {},  # workload -> implementation -> wall seconds per unit
+        "client_cpu": {},  # workload -> implementation -> the client's CPU seconds per unit
         "notes": {},
     }
-    workloads = results["workloads"]
+    workloads, client_cpu = results["workloads"], results["client_cpu"]
     redis_cpu = results["redis_cpu"] = {}  # workload -> implementation -> Redis s per unit
     impls = [cls(url, EXPIRE_MS) for cls in IMPLEMENTATIONS]
+    # replaylog with busy polling on rides along in every workload, so the report can show
+    # what polling buys in wall time and costs in CPU, in the same run.
+    everyone = [*impls, POLLING(url, EXPIRE_MS)]
+    processes = measure.BroadcastProcesses(url, sizes.processes, sizes.per_process)
 
     def repeated(
         workload: str,
         units: int,
-        timed: Callable[[Any], float],
+        timed: Callable[[Any], measure.Cost],
         setup: Callable[[Any], None] | None = None,
         which: list[Any] | None = None,
     ) -> None:
         """Best of K runs of ``timed`` per implementation, interleaved, with Redis CPU."""
-        chosen = impls if which is None else which
-        samples: dict[str, list[float]] = {impl.name: [] for impl in chosen}
+        chosen = everyone if which is None else which
+        samples: dict[str, list[measure.Cost]] = {impl.name: [] for impl in chosen}
         cpu = redis_cpu.setdefault(workload, {})
         for _ in range(sizes.repeat):
             for impl in chosen:
@@ -131,7 +136,9 @@ def run(url: str, sizes: Sizes, smoke: bool) -> dict[str, Any]:
                 admin.config_resetstat()
                 samples[impl.name].append(timed(impl))
                 cpu[impl.name] = redis_busy_us(measure.commandstats(admin)) / units / 1e6
-        workloads[workload] = {name: measure.best(runs) for name, runs in samples.items()}
+        costs = {name: measure.best(runs) for name, runs in samples.items()}
+        workloads[workload] = {name: cost.wall for name, cost in costs.items()}
+        client_cpu[workload] = {name: cost.cpu for name, cost in costs.items()}
 
     try:
         admin.flushall()
@@ -140,17 +147,39 @@ def run(url: str, sizes: Sizes, smoke: bool) -> dict[str, Any]:
 
         log("bench: broadcast, one thread")
         contents = chat_messages(sizes.broadcast)
-        for impl in impls:  # connect, load scripts, warm caches
+        for impl in everyone:  # connect, load scripts, warm caches
             for content in contents[:200]:
                 impl.broadcast("warm-up", EVENT_NAME, content)
         server_cost = results["redis_us_per_broadcast"] = {}
 
-        def one_thread(impl: Any) -> float:
-            elapsed = measure.broadcast_one_thread(impl, contents, f"one:{impl.name}")
+        def one_thread(impl: Any) -> measure.Cost:
+            cost = measure.broadcast_one_thread(impl, contents, f"one:{impl.name}")
             server_cost[impl.name] = redis_cost(measure.commandstats(admin), impl.name)
-            return elapsed
+            return cost
 
         repeated("broadcast", sizes.broadcast, one_thread)
+
+        log(
+            f"bench: sporadic broadcasts, {sizes.sporadic_rounds * sizes.sporadic_per_round} "
+            "per implementation"
+        )
+        sporadic = measure.sporadic(
+            everyone, admin, sizes.sporadic_rounds, sizes.sporadic_per_round
+        )
+        bare = sporadic.pop(measure.BareBroadcast.name)
+        results["sporadic"] = {
+            name: {
+                "median": calls.median,
+                "p99": calls.p99,
+                "median_cpu": calls.median_cpu,
+                "calls": len(calls.wall),
+                "pings": calls.pings,
+            }
+            for name, calls in sporadic.items()
+        }
+        workloads["sporadic"] = {name: calls.median for name, calls in sporadic.items()}
+        workloads["sporadic_p99"] = {name: calls.p99 for name, calls in sporadic.items()}
+        client_cpu["sporadic"] = {name: calls.median_cpu for name, calls in sporadic.items()}
 
         log(f"bench: broadcast, {sizes.threads} threads")
         per_thread = chat_messages(sizes.per_thread)
@@ -162,8 +191,16 @@ def run(url: str, sizes: Sizes, smoke: bool) -> dict[str, Any]:
             ),
         )
 
+        log(f"bench: broadcast, {sizes.processes} processes")
+        repeated(
+            "broadcast_processes",
+            sizes.processes * sizes.per_process,
+            lambda impl: processes.run(impl.name),
+        )
+
         # Threads alone, without the work: what 8 Python threads cost each client per call.
         limits = results["limits"] = {}
+        limits["sporadic_bare"] = {"median": bare.median, "p99": bare.p99, "cpu": bare.median_cpu}
         limits["empty_call_threads"] = {
             impl.name: measure.best(
                 [
@@ -172,7 +209,7 @@ def run(url: str, sizes: Sizes, smoke: bool) -> dict[str, Any]:
                     )
                     for _ in range(sizes.repeat)
                 ]
-            )
+            ).wall
             for impl in impls
             if impl.name != "article"
         }
@@ -186,7 +223,7 @@ def run(url: str, sizes: Sizes, smoke: bool) -> dict[str, Any]:
             lambda impl: measure.broadcast_many(
                 impl, [(f"many:{impl.name}", EVENT_NAME, content) for content in many]
             ),
-            which=[impl for impl in impls if impl.has_broadcast_many],
+            which=[impl for impl in everyone if impl.has_broadcast_many],
         )
         for impl in impls:
             if impl.broadcast_many_note:
@@ -195,9 +232,11 @@ def run(url: str, sizes: Sizes, smoke: bool) -> dict[str, Any]:
         log(f"bench: unspool of {sizes.unspool:,}")
         admin.flushall()
         memory = results["memory"] = {}
-        for impl in impls:
+        for impl in everyone:
             key = f"spool:{impl.name}"
             measure.fill(impl, key, sizes.unspool)
+            if impl not in impls:
+                continue
             entries = admin.zcard(f"replay:{key}")
             used = admin.memory_usage(f"replay:{key}", samples=0)
             used += admin.memory_usage(f"replaymeta:{key}", samples=0) or 0  # ours only
@@ -232,11 +271,11 @@ def run(url: str, sizes: Sizes, smoke: bool) -> dict[str, Any]:
             admin.flushall()
             expected = measure.fill_for_prune(admin, sizes.channels, sizes.per_channel)
 
-        def prune(impl: Any) -> float:
-            elapsed, removed = measure.prune_timed(impl)
+        def prune(impl: Any) -> measure.Cost:
+            cost, removed = measure.prune_timed(impl)
             if removed != expected:
                 raise AssertionError(f"{impl.name}: pruned {removed}, expected {expected}")
-            return elapsed / sizes.channels
+            return cost.per(sizes.channels)
 
         repeated("prune", sizes.channels, prune, setup=fill)
         stalls = results["stall"] = {}
@@ -249,7 +288,8 @@ def run(url: str, sizes: Sizes, smoke: bool) -> dict[str, Any]:
         admin.flushall()
         results["environment"]["load_average_end"] = os.getloadavg()
     finally:
-        for impl in impls:
+        processes.close()
+        for impl in everyone:
             impl.close()
         admin.close()
     return results

@@ -219,14 +219,15 @@ class Peer:
 
 
 class Native:
-    """replaylog itself, through its public Python API."""
+    """replaylog itself, through its public Python API, with its default settings."""
 
     name = "replaylog"
     has_broadcast_many = True
     broadcast_many_note = ""
+    busy_poll_us: int | None = None  # the default
 
     def __init__(self, url: str, expire_ms: int) -> None:
-        self.log = replaylog.ReplayLog(url, expire_ms=expire_ms)
+        self.log = replaylog.ReplayLog(url, expire_ms=expire_ms, busy_poll_us=self.busy_poll_us)
         self.broadcast: Callable[[str, str, Any], int] = self.log.broadcast
         self.broadcast_many: Callable[[list[tuple[str, str, Any]]], list[int]] | None = (
             self.log.broadcast_many
@@ -245,4 +246,21 @@ class Native:
         self.log.close()
 
 
+class NativePolling(Native):
+    """replaylog with busy polling on, at the budget that was the default before issue 13."""
+
+    name = "replaylog, busy_poll_us=200"
+    busy_poll_us = 200
+
+
 IMPLEMENTATIONS = (Article, Peer, Native)
+# Measured beside replaylog in the workloads that polling changes.
+POLLING = NativePolling
+
+
+def make(name: str, url: str, expire_ms: int) -> Any:
+    """The implementation called ``name``, connected to ``url``."""
+    for cls in (*IMPLEMENTATIONS, POLLING):
+        if cls.name == name:
+            return cls(url, expire_ms)
+    raise ValueError(f"no implementation called {name!r}")

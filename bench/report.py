@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import re
+import textwrap
 from pathlib import Path
 from typing import Any
 
 IMPLS = ("article", "peer", "replaylog")
+# replaylog with busy polling on, measured beside its default (see bench.impls.NativePolling).
+POLLING = "replaylog, busy_poll_us=200"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
 
@@ -15,7 +18,10 @@ def workloads(results: dict[str, Any]) -> list[tuple[str, str, str]]:
     sizes = results["sizes"]
     return [
         ("broadcast", "broadcast, 1 thread", "call"),
+        ("sporadic", "broadcast 20–200 ms apart, median", "call"),
+        ("sporadic_p99", "broadcast 20–200 ms apart, p99", "call"),
         ("broadcast_threads", f"broadcast, {sizes['threads']} threads", "message"),
+        ("broadcast_processes", f"broadcast, {sizes['processes']} processes", "message"),
         ("broadcast_many", f"broadcast_many of {sizes['many']:,}", "message"),
         ("unspool", f"unspool {sizes['unspool']:,} to dicts", "message"),
         ("unspool_raw", f"unspool(raw=True) {sizes['unspool']:,}", "message"),
@@ -57,6 +63,7 @@ def targets(results: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]:
 
     versus("broadcast", "article", 3)
     versus("broadcast", "peer", 1.8)
+    versus("sporadic", "peer", 2)
     rtt = fl.get("rtt_p50_us")
     if rtt:
         value = w["broadcast"]["replaylog"] * 1e6 / rtt
@@ -118,6 +125,52 @@ def main_table(results: dict[str, Any], markdown: bool) -> str:
     return _table(header, rows, markdown)
 
 
+def cpu_table(results: dict[str, Any], markdown: bool) -> str:
+    cpu = results["client_cpu"]
+    header = ["workload", "unit", *(f"{name} CPU µs" for name in IMPLS)]
+    header += ["article / replaylog", "peer / replaylog"]
+    rows = []
+    for key, label, unit in workloads(results):
+        cells = cpu.get(key)
+        if not cells:
+            continue
+        rows.append(
+            [
+                label,
+                f"per {unit}",
+                *(us(cells.get(name)) for name in IMPLS),
+                times(ratio(cells.get("article"), cells.get("replaylog"))),
+                times(ratio(cells.get("peer"), cells.get("replaylog"))),
+            ]
+        )
+    return _table(header, rows, markdown)
+
+
+def polling_table(results: dict[str, Any], markdown: bool) -> str:
+    """replaylog's default beside busy polling on, wall and client CPU, per workload."""
+    w, cpu = results["workloads"], results["client_cpu"]
+    header = ["workload", "unit", "default wall µs", "polling wall µs", "wall: polling / default"]
+    header += ["default CPU µs", "polling CPU µs", "CPU: polling / default"]
+    rows = []
+    for key, label, unit in workloads(results):
+        walls, cpus = w.get(key, {}), cpu.get(key, {})
+        if POLLING not in walls:
+            continue
+        rows.append(
+            [
+                label,
+                f"per {unit}",
+                us(walls.get("replaylog")),
+                us(walls.get(POLLING)),
+                times(ratio(walls.get(POLLING), walls.get("replaylog"))),
+                us(cpus.get("replaylog")),
+                us(cpus.get(POLLING)),
+                times(ratio(cpus.get(POLLING), cpus.get("replaylog"))),
+            ]
+        )
+    return _table(header, rows, markdown)
+
+
 def targets_table(results: dict[str, Any], markdown: bool) -> str:
     rows = []
     for what, value, target, met in targets(results):
@@ -148,6 +201,24 @@ def extras(results: dict[str, Any], markdown: bool) -> str:
     if fl.get("note"):
         lines.append(f"{bullet}Floors: {fl['note']}.")
     lines += limit_lines(results, bullet)
+    processes = w.get("broadcast_processes", {})
+    if processes:
+        rates = ", ".join(f"{name} {1 / processes[name]:,.0f}" for name in processes)
+        lines.append(
+            f"{bullet}{results['sizes']['processes']} processes × "
+            f"{results['sizes']['per_process']:,} broadcasts, all at once on "
+            f"{results['environment']['machine']}: messages per second: {rates}."
+        )
+    sporadic = results.get("sporadic", {})
+    if sporadic:
+        pings = ", ".join(f"{name} {sporadic[name]['pings']}" for name in sporadic)
+        calls = next(iter(sporadic.values()))["calls"]
+        lines.append(
+            f"{bullet}Sporadic: {calls} broadcasts per implementation, each after a random "
+            f"20–200 ms pause (the implementations take turns, a block of "
+            f"{results['sizes']['sporadic_per_round']} calls each, with the same pauses); "
+            f"PINGs Redis received meanwhile: {pings}."
+        )
     cost = results.get("redis_us_per_broadcast", {})
     if cost:
         parts = [f"{name} {cost[name]['us']:.2f} µs ({cost[name]['commands']})" for name in cost]
@@ -230,14 +301,79 @@ def limit_lines(results: dict[str, Any], bullet: str) -> list[str]:
             f"marshal.loads: {us(limits['objects_str'])} µs): no client gets past "
             f"{w['unspool_raw']['peer'] / reply:.2f}× the peer's speed."
         )
+    bare = limits.get("sporadic_bare")
+    if bare is not None:
+        peer = w["sporadic"]["peer"]
+        lines.append(
+            f"{bullet}broadcast 20–200 ms apart: 2× the peer's median is {us(peer / 2)} µs. The "
+            f"same EVALSHA, built beforehand and sent on a plain socket (no client library), "
+            f"takes {us(bare['median'])} µs median ({us(bare['p99'])} µs p99, "
+            f"{us(bare['cpu'])} µs of CPU) after the same pauses: no client gets past "
+            f"{peer / bare['median']:.2f}× the peer's median; replaylog takes "
+            f"{us(w['sporadic']['replaylog'])} µs."
+        )
     return lines
+
+
+BAR_STEP = 0.1  # one █ per 0.1×
+BAR_MAX = 4.0  # longer bars are cut here and end in ▶
+EIGHTHS = ("", "▏", "▎", "▍", "▌", "▋", "▊", "▉")
+
+
+def bar(value: float) -> str:
+    full, eighths = divmod(round(min(value, BAR_MAX) / BAR_STEP * 8), 8)
+    return "█" * full + EIGHTHS[eighths] + ("▶" if value > BAR_MAX else "")
+
+
+def ratio_bars(results: dict[str, Any], keys: tuple[str, ...] | None = None) -> str:
+    """How many times longer the article and the peer take than replaylog, as text bars; for
+    the sporadic median, also the peer against the bare socket: the most any client gets."""
+    w = results["workloads"]
+    rows: list[tuple[str, str, float]] = []
+    for key, label, _ in workloads(results):
+        if keys is not None and key not in keys:
+            continue
+        cells = w.get(key, {})
+        for name in ("article", "peer"):
+            value = ratio(cells.get(name), cells.get("replaylog"))
+            if value is not None:
+                rows.append((label, f"{name} / replaylog", value))
+        bare = results.get("limits", {}).get("sporadic_bare")
+        if key == "sporadic" and bare and cells.get("peer"):
+            rows.append((label, "peer / bare socket", cells["peer"] / bare["median"]))
+    label_width = max(len(label) for label, _, _ in rows)
+    what_width = max(len(what) for _, what, _ in rows)
+    bar_width = round(BAR_MAX / BAR_STEP) + 1
+    lines, previous = [], None
+    for label, what, value in rows:
+        shown = label if label != previous else ""
+        previous = label
+        lines.append(
+            f"{shown:<{label_width}}  {what:<{what_width}}  {bar(value):<{bar_width}} {value:.2f}×"
+        )
+    return "\n".join(lines)
 
 
 def console(results: dict[str, Any]) -> str:
     title = "replaylog benchmark" + (
         " (smoke: tiny sizes, targets not meaningful)" if results["smoke"] else ""
     )
-    parts = [title, "", main_table(results, markdown=False), "", extras(results, markdown=False)]
+    parts = [
+        title,
+        "",
+        main_table(results, markdown=False),
+        "",
+        "Client CPU (user + system of the calling processes, all their threads):",
+        cpu_table(results, markdown=False),
+        "",
+        "Busy polling (replaylog's default against busy_poll_us=200):",
+        polling_table(results, markdown=False),
+        "",
+        "Times longer than replaylog takes (█ = 0.1×):",
+        ratio_bars(results),
+        "",
+        extras(results, markdown=False),
+    ]
     if not results["smoke"]:
         parts += ["", targets_table(results, markdown=False)]
     return "\n".join(parts)
@@ -266,6 +402,25 @@ def markdown(results: dict[str, Any]) -> str:
         "(above 1× means replaylog is faster).",
         "",
         main_table(results, markdown=True),
+        "",
+        "The same as bars: how many times longer the article and the peer take than replaylog "
+        "(█ = 0.1×, cut at 4× with ▶); for the sporadic median, also the peer against a bare "
+        "socket, the most any client gets there.",
+        "",
+        "```",
+        ratio_bars(results),
+        "```",
+        "",
+        "Client CPU per unit in µs: user + system time of the process (or, for the processes "
+        "workload, the worker processes) that made the calls, all its threads; Redis's own CPU "
+        "is not in it. Ratios above 1× mean replaylog uses less.",
+        "",
+        cpu_table(results, markdown=True),
+        "",
+        "Busy polling: replaylog's default (no polling) against `busy_poll_us=200` (the default "
+        "before issue 13), both measured in this run. Ratios above 1× mean polling costs more.",
+        "",
+        polling_table(results, markdown=True),
         "",
         extras(results, markdown=True),
     ]
@@ -296,7 +451,7 @@ def chart(results: dict[str, Any], path: Path) -> None:
 
     shown = workloads(results)
     colors = {"article": "#b0b0b0", "peer": "#4c78a8", "replaylog": "#e45756"}
-    fig, ax = plt.subplots(figsize=(11, 5.2), dpi=120)
+    fig, ax = plt.subplots(figsize=(14, 5.6), dpi=120)
     width = 0.27
     for offset, name in enumerate(IMPLS):
         xs, ys = [], []
@@ -345,7 +500,9 @@ def chart(results: dict[str, Any], path: Path) -> None:
         )
     ax.set_yscale("log")
     ax.set_xticks(range(len(shown)))
-    ax.set_xticklabels([f"{label}\n(per {unit})" for _, label, unit in shown], fontsize=8)
+    ax.set_xticklabels(
+        [textwrap.fill(f"{label} (per {unit})", 18) for _, label, unit in shown], fontsize=8
+    )
     ax.set_ylabel("µs per unit (log scale, lower is better)")
     ax.set_title("replaylog vs the article's code and a strong Python peer")
     ax.legend(fontsize=8)

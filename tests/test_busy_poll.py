@@ -80,6 +80,18 @@ def test_a_lone_call_polls_instead_of_sleeping(replaylog_url: str, pauser: redis
         sleeping.close()
 
 
+def test_the_default_never_polls(replaylog_url: str, pauser: redis.Redis) -> None:
+    # Off by default (issue 13): polling spends a CPU on each wait, which other workers of a
+    # busy host need. A default log's lone call sleeps on its reply. (A loaded machine can spare
+    # a call its sleep, preempted until the reply is in, never add one: the best of 3 rounds.)
+    log = replaylog.ReplayLog(replaylog_url)
+    try:
+        assert log.busy_poll_us == 0
+        assert max(sleeps_per_paused_call(broadcaster(log), pauser) for _ in range(3)) >= 0.8
+    finally:
+        log.close()
+
+
 def test_no_poll_while_another_thread_waits_on_redis(
     replaylog_url: str, pauser: redis.Redis, silent_server: SilentServer
 ) -> None:

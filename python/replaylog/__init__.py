@@ -116,7 +116,7 @@ class ReplayLog:
             "REPLAYLOG_RESPONSE_TIMEOUT", response_timeout, _settings.as_seconds
         )
         # A synchronous call alone in its process polls this long for the reply before it
-        # sleeps: on a local Redis that saves the OS wake-up, often half the call.
+        # sleeps: a latency option that spends CPU to skip the OS wake-up (off by default).
         self.busy_poll_us: int = resolve(
             "REPLAYLOG_BUSY_POLL_US", busy_poll_us, _settings.as_busy_poll_us
         )

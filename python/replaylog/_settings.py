@@ -21,8 +21,9 @@ DEFAULT_LOG_PREFIX = "replay:"
 DEFAULT_META_PREFIX = "replaymeta:"
 DEFAULT_IDEMPOTENCY_PREFIX = "replayonce:"
 DEFAULT_IDEMPOTENCY_WINDOW_MS = 300_000
-# A local Redis answers a broadcast in a few dozen µs; see ReplayLog's busy_poll_us.
-DEFAULT_BUSY_POLL_US = 200
+# Off: polling spends a CPU on every wait, which the other workers of a busy host need (see
+# ReplayLog's busy_poll_us and the README's "Busy polling").
+DEFAULT_BUSY_POLL_US = 0
 MAX_BUSY_POLL_US = 10_000
 # Bytes a subscription holds for a consumer that lags before it lets go and reads the log
 # later: the default of Redis's own soft limit for pub/sub clients.
