@@ -29,20 +29,27 @@ import replaylog
 HERE = Path(__file__).resolve().parent
 
 
+def server_env(redis_url: str) -> dict[str, str]:
+    """The environment of a server of the tiny project on ``redis_url``: none of the test
+    process's own replaylog, Django or pytest settings."""
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("REPLAYLOG_", "EXPIRE_REPLAY_LOGS_MS", "DJANGO_", "PYTEST_"))
+    }
+    env["DJANGO_SETTINGS_MODULE"] = "djangoproject.settings"
+    env["REPLAYLOG_URL"] = redis_url
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))
+    return env
+
+
 class Server:
     """``uvicorn djangoproject.asgi:application`` on a loopback port."""
 
     def __init__(self, redis_url: str, log_path: Path) -> None:
         self.port = free_port()
         self.log_path = log_path
-        env = {
-            key: value
-            for key, value in os.environ.items()
-            if not key.startswith(("REPLAYLOG_", "EXPIRE_REPLAY_LOGS_MS", "DJANGO_", "PYTEST_"))
-        }
-        env["DJANGO_SETTINGS_MODULE"] = "djangoproject.settings"
-        env["REPLAYLOG_URL"] = redis_url
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))
+        env = server_env(redis_url)
         self._log = log_path.open("wb")
         self.proc = subprocess.Popen(
             [

@@ -4,7 +4,6 @@ every bullet of the wire format, read off a raw socket as a browser's EventSourc
 from __future__ import annotations
 
 import json
-import os
 import queue
 import socket
 import subprocess
@@ -19,7 +18,7 @@ from urllib.parse import quote
 import pytest
 import redis
 from conftest import free_port
-from test_asgi import HERE, Server, pubsub_count, wait_until
+from test_asgi import HERE, Server, pubsub_count, server_env, wait_until
 
 import replaylog
 from replaylog.django.views import decode_position
@@ -31,19 +30,6 @@ def server(replay_log: replaylog.ReplayLog, replaylog_url: str, tmp_path: Path) 
     yield srv
     srv.stop()
     assert "Traceback" not in srv.log(), srv.log()
-
-
-def server_env(redis_url: str) -> dict[str, str]:
-    """The environment test_asgi's Server gives uvicorn: the tiny project on ``redis_url``."""
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith(("REPLAYLOG_", "EXPIRE_REPLAY_LOGS_MS", "DJANGO_", "PYTEST_"))
-    }
-    env["DJANGO_SETTINGS_MODULE"] = "djangoproject.settings"
-    env["REPLAYLOG_URL"] = redis_url
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))
-    return env
 
 
 def port_open(port: int) -> bool:
