@@ -7,14 +7,35 @@ use std::time::{Duration, Instant};
 
 use pyo3::prelude::*;
 use pyo3::types::PyList;
+use tokio::task::AbortHandle;
 
 use crate::connection::{runtime, Flavor};
 use crate::errors::Failure;
 use crate::process_local::ProcessLocal;
 
+/// Stops the work of an awaited call whose task was cancelled: what has not reached Redis
+/// yet (still connecting, say) never does. What was sent may still run: the outcome of a
+/// cancelled write is unknown, and a retry with its idempotency key is the safe answer.
+#[pyclass(module = "replaylog._native", frozen)]
+pub struct Cancel {
+    work: AbortHandle,
+}
+
+#[pymethods]
+impl Cancel {
+    fn __call__(&self) {
+        self.work.abort();
+    }
+}
+
 /// Runs `work` on the runtime, then resolves `future` on `event_loop` with `convert`'s
-/// result, or with the failure as an exception.
-pub fn spawn<T, W, C>(event_loop: Bound<'_, PyAny>, future: Bound<'_, PyAny>, work: W, convert: C)
+/// result, or with the failure as an exception. Returns what cancels it.
+pub fn spawn<T, W, C>(
+    event_loop: Bound<'_, PyAny>,
+    future: Bound<'_, PyAny>,
+    work: W,
+    convert: C,
+) -> Cancel
 where
     T: Send + 'static,
     W: Future<Output = Result<T, Failure>> + Send + 'static,
@@ -22,7 +43,7 @@ where
 {
     let event_loop = event_loop.unbind();
     let future = future.unbind();
-    runtime(Flavor::Background).spawn(async move {
+    let task = runtime(Flavor::Background).spawn(async move {
         let outcome = work.await;
         with_python(|py| {
             let result = outcome
@@ -42,6 +63,9 @@ where
             });
         });
     });
+    Cancel {
+        work: task.abort_handle(),
+    }
 }
 
 /// Hands a batch of items to an asyncio queue on its loop.

@@ -413,8 +413,8 @@ impl NativeLog {
                 convert(py, subscription)
             }
             Some((event_loop, future)) => {
-                aio::spawn(event_loop, future, open, convert);
-                Ok(py.None())
+                let cancel = aio::spawn(event_loop, future, open, convert);
+                Ok(Py::new(py, cancel)?.into_any())
             }
         }
     }
@@ -514,8 +514,8 @@ impl NativeLog {
                 convert(py, value)
             }
             Some((event_loop, future)) => {
-                aio::spawn(event_loop, future, work, convert);
-                Ok(py.None())
+                let cancel = aio::spawn(event_loop, future, work, convert);
+                Ok(Py::new(py, cancel)?.into_any())
             }
         }
     }

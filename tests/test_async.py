@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import redis
+from test_regressions import LatencyProxy
 
 import replaylog
 
@@ -417,3 +418,34 @@ def test_module_level_async_functions_use_the_default_log(
     assert out["replay"].complete is True
     assert out["first"]["timestamp"] == out["ts"]
     assert out["pruned"] == 0
+
+
+# --------------------------------------------------------------------------- cancellation
+
+
+def test_a_cancelled_abroadcast_that_has_not_reached_redis_never_does(
+    replaylog_redis_proc: Any, rdb: redis.Redis
+) -> None:
+    # Through a link of 0.5 s each way, connecting (the HELLO handshake) takes a second: a
+    # cancel 0.2 s in comes before the broadcast is written. The twin that is not cancelled
+    # shows the request would have gone through.
+    proxy = LatencyProxy(int(replaylog_redis_proc.port), 0.5)
+
+    async def broadcast(channel: str, cancel: bool) -> None:
+        log = replaylog.ReplayLog(proxy.url, connect_timeout=10, response_timeout=10)
+        task = asyncio.create_task(log.abroadcast(channel, "e", "maybe"))
+        await asyncio.sleep(0.2)
+        if cancel:
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        else:
+            await task
+
+    try:
+        asyncio.run(broadcast("cancelled", cancel=True))
+        asyncio.run(broadcast("awaited", cancel=False))
+        time.sleep(1.5)  # anything the cancelled one had sent would have arrived by now
+    finally:
+        proxy.close()
+    assert (rdb.zcard("replay:cancelled"), rdb.zcard("replay:awaited")) == (0, 1)

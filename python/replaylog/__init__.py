@@ -517,12 +517,19 @@ def _check_epoch(epoch: str | None) -> None:
         raise TypeError(f"epoch must be str, not {type(epoch).__name__}")
 
 
-async def _run_async(method: Callable[..., None], *args: Any) -> Any:
-    """Runs a native method on the Rust runtime; the loop awaits a future it resolves."""
+async def _run_async(method: Callable[..., Callable[[], None]], *args: Any) -> Any:
+    """Runs a native method on the Rust runtime; the loop awaits a future it resolves.
+
+    A cancelled await stops that work too: a request that has not reached Redis yet never
+    does (one that has may still run: a cancelled write's outcome is unknown)."""
     loop = asyncio.get_running_loop()
     future = loop.create_future()
-    method(*args, aio=(loop, future))
-    return await future
+    cancel = method(*args, aio=(loop, future))
+    try:
+        return await future
+    except asyncio.CancelledError:
+        cancel()
+        raise
 
 
 _default_log: ReplayLog | None = None
