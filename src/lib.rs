@@ -32,7 +32,7 @@ use convert::{
 use errors::{python_error, Failure};
 use hub::Membership;
 use json::Encoder;
-use store::{Layout, Limits, Outgoing, ReplayRequest, Store, Uses};
+use store::{Broadcasted, Layout, Limits, Outgoing, ReplayRequest, Store, Uses};
 use subscription::{message_prev, message_timestamp, Delivery, Next, Request, Subscription};
 
 /// `(loop, future)`: run asynchronously and resolve `future` on `loop` with the result.
@@ -51,7 +51,7 @@ impl NativeLog {
         url, masked_url, *, connect_timeout, response_timeout, busy_poll_us,
         subscription_buffer_bytes, channel_prefix,
         log_prefix, meta_prefix, idempotency_prefix, cluster_keys, expire_ms, max_len,
-        idempotency_window_ms
+        idempotency_window_ms, min_replicas, replica_timeout_ms
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -70,6 +70,8 @@ impl NativeLog {
         expire_ms: i64,
         max_len: u64,
         idempotency_window_ms: i64,
+        min_replicas: u32,
+        replica_timeout_ms: u64,
     ) -> PyResult<NativeLog> {
         let settings = Settings {
             url: url.to_owned(),
@@ -94,6 +96,8 @@ impl NativeLog {
             expire_ms,
             max_len,
             idempotency_window_ms,
+            min_replicas,
+            replica_timeout_ms,
         };
         Ok(NativeLog {
             store: Arc::new(Store::new(connection, masked_url, layout, limits)),
@@ -114,13 +118,17 @@ impl NativeLog {
         aio: Aio<'_>,
     ) -> PyResult<Py<PyAny>> {
         let message = self.encode(channel, event_name, content, default, idempotency_key)?;
+        let wanted = self.wanted_replicas();
         self.dispatch(
             py,
             "broadcast",
             Uses::Regular,
             aio,
             move |store, _, manager| async move { store.broadcast(manager, &[message]).await },
-            |py, timestamps| Ok(timestamps[0].into_pyobject(py)?.into_any().unbind()),
+            move |py, broadcasted| {
+                let timestamps = replicated(py, broadcasted, wanted)?;
+                Ok(timestamps[0].into_pyobject(py)?.into_any().unbind())
+            },
         )
     }
 
@@ -141,13 +149,17 @@ impl NativeLog {
             });
             messages.push(message.map_err(|e| naming_item(py, e, index))?);
         }
+        let wanted = self.wanted_replicas();
         self.dispatch(
             py,
             "broadcast_many",
             Uses::Regular,
             aio,
             move |store, _, manager| async move { store.broadcast(manager, &messages).await },
-            |py, timestamps| Ok(timestamps.into_pyobject(py)?.into_any().unbind()),
+            move |py, broadcasted| {
+                let timestamps = replicated(py, broadcasted, wanted)?;
+                Ok(timestamps.into_pyobject(py)?.into_any().unbind())
+            },
         )
     }
 
@@ -435,6 +447,12 @@ impl NativeLog {
 }
 
 impl NativeLog {
+    /// What `replicated` checks a broadcast against: `min_replicas` and its timeout.
+    fn wanted_replicas(&self) -> (u32, u64) {
+        let limits = self.store.limits();
+        (limits.min_replicas, limits.replica_timeout_ms)
+    }
+
     fn encode(
         &self,
         channel: &Bound<'_, PyAny>,
@@ -718,6 +736,23 @@ impl Drop for NativeSubscription {
         for task in tasks {
             task.abort();
         }
+    }
+}
+
+/// The timestamps of a broadcast, or `ReplicationError` if fewer replicas than `wanted` (count,
+/// timeout in ms) acknowledged it in time.
+fn replicated(py: Python<'_>, broadcasted: Broadcasted, wanted: (u32, u64)) -> PyResult<Vec<i64>> {
+    let Broadcasted {
+        timestamps,
+        replicas,
+    } = broadcasted;
+    match replicas {
+        Some(acknowledged) if acknowledged < i64::from(wanted.0) => Err(python_error(
+            py,
+            "ReplicationError",
+            (timestamps, acknowledged, wanted.0, wanted.1),
+        )),
+        _ => Ok(timestamps),
     }
 }
 

@@ -117,6 +117,16 @@ pub struct Limits {
     /// 0: no cap.
     pub max_len: u64,
     pub idempotency_window_ms: i64,
+    /// Replicas that must hold a broadcast before it returns (`WAIT`); 0: none asked.
+    pub min_replicas: u32,
+    pub replica_timeout_ms: u64,
+}
+
+/// What a broadcast did: its timestamps and, when `min_replicas` asked for it, how many
+/// replicas acknowledged it in time.
+pub struct Broadcasted {
+    pub timestamps: Vec<i64>,
+    pub replicas: Option<i64>,
 }
 
 /// The lower bound of an unspool: entries scored strictly above it.
@@ -272,19 +282,42 @@ impl Store {
         &self,
         mut manager: ConnectionManager,
         messages: &[Outgoing],
-    ) -> RedisResult<Vec<i64>> {
+    ) -> RedisResult<Broadcasted> {
         if messages.is_empty() {
-            return Ok(Vec::new());
+            return Ok(Broadcasted {
+                timestamps: Vec::new(),
+                replicas: None,
+            });
         }
         let commands: Vec<Cmd> = messages.iter().map(|m| self.broadcast_command(m)).collect();
         let replies = run_scripts(&mut manager, &self.broadcast_script, &commands).await?;
-        replies
+        let timestamps = replies
             .into_iter()
             .map(|reply| match reply {
                 Value::Int(timestamp) => Ok(timestamp),
                 other => Err(unexpected("the broadcast script", &other)),
             })
-            .collect()
+            .collect::<RedisResult<Vec<i64>>>()?;
+        // WAIT counts the replicas holding every write this connection made so far, ours
+        // included; a script cannot run it, so it follows in its own round trip.
+        let replicas = match self.limits.min_replicas {
+            0 => None,
+            wanted => Some(
+                redis::cmd("WAIT")
+                    .arg(wanted)
+                    .arg(self.limits.replica_timeout_ms)
+                    .query_async(&mut manager)
+                    .await?,
+            ),
+        };
+        Ok(Broadcasted {
+            timestamps,
+            replicas,
+        })
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
     }
 
     fn broadcast_command(&self, message: &Outgoing) -> Cmd {

@@ -24,6 +24,7 @@ from ._errors import (
     ReadOnlyError,
     RedisRefusedError,
     ReplayLogError,
+    ReplicationError,
     TimeoutError,
 )
 from ._native import NativeLog, shutdown
@@ -47,6 +48,7 @@ __all__ = [
     "Subscription",
     "ReplayLog",
     "ReplayLogError",
+    "ReplicationError",
     "TimeoutError",
     "abroadcast",
     "abroadcast_many",
@@ -102,6 +104,8 @@ class ReplayLog:
         idempotency_window_ms: int | None = None,
         subscription_buffer_bytes: int | None = None,
         replay_limit: int | None = None,
+        min_replicas: int | None = None,
+        replica_timeout: float | None = None,
         default: Default = None,
     ) -> None:
         resolve = _settings.resolve
@@ -143,6 +147,19 @@ class ReplayLog:
         self.replay_limit: int = resolve(
             "REPLAYLOG_REPLAY_LIMIT", replay_limit, _settings.as_positive_int
         )
+        # A broadcast returns once this many replicas hold it (WAIT), so that a failover
+        # cannot lose it; else it raises ReplicationError after replica_timeout seconds.
+        self.min_replicas: int = resolve(
+            "REPLAYLOG_MIN_REPLICAS", min_replicas, _settings.as_min_replicas
+        )
+        self.replica_timeout: float = resolve(
+            "REPLAYLOG_REPLICA_TIMEOUT", replica_timeout, _settings.as_seconds
+        )
+        if self.min_replicas and self.replica_timeout >= self.response_timeout:
+            raise ConfigurationError(
+                "replica_timeout must be shorter than response_timeout: the WAIT for replicas "
+                "is one request"
+            )
         if self.log_prefix == self.meta_prefix or self.log_prefix == self.idempotency_prefix:
             raise ConfigurationError(
                 "log_prefix must differ from meta_prefix and idempotency_prefix"
@@ -166,6 +183,8 @@ class ReplayLog:
             expire_ms=self.expire_ms,
             max_len=self.max_len,
             idempotency_window_ms=self.idempotency_window_ms,
+            min_replicas=self.min_replicas,
+            replica_timeout_ms=int(self.replica_timeout * 1000),
         )
 
     @property

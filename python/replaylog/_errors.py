@@ -41,6 +41,23 @@ class PermissionDeniedError(RedisRefusedError):
     code = "NOPERM"
 
 
+class ReplicationError(ReplayLogError):
+    """A broadcast is stored and published on the master, but fewer replicas than
+    ``min_replicas`` acknowledged it within ``replica_timeout``: it may not survive a failover.
+
+    ``timestamps`` are the messages' (one for ``broadcast``), ``acknowledged`` how many
+    replicas had them. A retry with the same ``idempotency_key`` does not publish twice.
+    """
+
+    def __init__(self, timestamps: list[int], acknowledged: int, wanted: int, timeout_ms: int):
+        super().__init__(
+            f"stored and published on the master, but {acknowledged} of {wanted} replicas "
+            f"acknowledged it within {timeout_ms} ms: it may not survive a failover"
+        )
+        self.timestamps = timestamps
+        self.acknowledged = acknowledged
+
+
 class ConfigurationError(ReplayLogError, ValueError):
     """A setting (URL, expiry, timeout, prefix) is malformed."""
 

@@ -25,6 +25,8 @@ class NativeLog:
         expire_ms: int,
         max_len: int,
         idempotency_window_ms: int,
+        min_replicas: int,
+        replica_timeout_ms: int,
     ) -> None: ...
     def broadcast(
         self,

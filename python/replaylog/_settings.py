@@ -31,6 +31,7 @@ DEFAULT_SUBSCRIPTION_BUFFER_BYTES = 8 * 1024 * 1024
 # Messages one unspool or replay returns when it is given no limit: a client's cursor must not
 # make one call read a million entries.
 DEFAULT_REPLAY_LIMIT = 10_000
+DEFAULT_REPLICA_TIMEOUT = 1.0
 
 # setting name -> (environment variable, default)
 SETTINGS: dict[str, tuple[str, Any]] = {
@@ -54,6 +55,8 @@ SETTINGS: dict[str, tuple[str, Any]] = {
         DEFAULT_SUBSCRIPTION_BUFFER_BYTES,
     ),
     "REPLAYLOG_REPLAY_LIMIT": ("REPLAYLOG_REPLAY_LIMIT", DEFAULT_REPLAY_LIMIT),
+    "REPLAYLOG_MIN_REPLICAS": ("REPLAYLOG_MIN_REPLICAS", 0),
+    "REPLAYLOG_REPLICA_TIMEOUT": ("REPLAYLOG_REPLICA_TIMEOUT", DEFAULT_REPLICA_TIMEOUT),
 }
 
 
@@ -129,6 +132,15 @@ def as_positive_int(name: str, value: Any) -> int:
         raise ConfigurationError(
             f"{name} must be a positive integer up to {MAX_SETTING}, got {value!r}"
         )
+    return value
+
+
+def as_min_replicas(name: str, value: Any) -> int:
+    """A count of replicas, 0 (the default: none awaited) to 100."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 100:
+        raise ConfigurationError(f"{name} must be an integer from 0 to 100, got {value!r}")
     return value
 
 

@@ -471,6 +471,9 @@ MALFORMED = [
     ("REPLAYLOG_REPLAY_LIMIT", -1, "replaylog.E015"),
     ("REPLAYLOG_REPLAY_LIMIT", 1.5, "replaylog.E015"),
     ("REPLAYLOG_REPLAY_LIMIT", None, "replaylog.E015"),
+    ("REPLAYLOG_MIN_REPLICAS", -1, "replaylog.E016"),
+    ("REPLAYLOG_MIN_REPLICAS", "two", "replaylog.E016"),
+    ("REPLAYLOG_REPLICA_TIMEOUT", 0, "replaylog.E017"),
 ]
 
 

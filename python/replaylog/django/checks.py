@@ -82,6 +82,8 @@ _CONVERTERS: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "REPLAYLOG_BUSY_POLL_US": ("replaylog.E013", _settings.as_busy_poll_us),
     "REPLAYLOG_SUBSCRIPTION_BUFFER_BYTES": ("replaylog.E014", _settings.as_positive_int),
     "REPLAYLOG_REPLAY_LIMIT": ("replaylog.E015", _settings.as_positive_int),
+    "REPLAYLOG_MIN_REPLICAS": ("replaylog.E016", _settings.as_min_replicas),
+    "REPLAYLOG_REPLICA_TIMEOUT": ("replaylog.E017", _settings.as_seconds),
 }
 _COMBINATION_ID = "replaylog.E012"
 

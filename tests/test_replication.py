@@ -1,0 +1,121 @@
+"""``min_replicas``: a broadcast returns once that many replicas hold it, so a failover cannot
+lose an acknowledged message; when they do not acknowledge in time it says so (issue 12, the
+durability part). A real master and replica on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+from conftest import RedisServer
+
+import replaylog
+
+
+@pytest.fixture
+def master_and_replica(redis_server_factory: Any) -> Iterator[tuple[RedisServer, RedisServer]]:
+    master = redis_server_factory()
+    replica = redis_server_factory("--replicaof", master.host, str(master.port))
+    with master.client() as client:
+        deadline = time.monotonic() + 15
+        while client.info("replication")["connected_slaves"] < 1:
+            assert time.monotonic() < deadline, "the replica never connected"
+            time.sleep(0.05)
+    with replica.client() as client:
+        while client.info("replication")["master_link_status"] != "up":
+            assert time.monotonic() < deadline, "the replica never synced"
+            time.sleep(0.05)
+    yield master, replica
+
+
+def commands(client: redis.Redis, name: str) -> int:
+    return int(client.info("commandstats").get(f"cmdstat_{name}", {}).get("calls", 0))
+
+
+def test_an_acknowledged_broadcast_is_on_the_replica_when_it_returns(
+    master_and_replica: tuple[RedisServer, RedisServer],
+) -> None:
+    master, replica = master_and_replica
+    log = replaylog.ReplayLog(master.url, min_replicas=1, replica_timeout=2)
+    try:
+        with replica.client() as on_replica:
+            for i in range(20):
+                stamp = log.broadcast("room", "e", i)
+                # No waiting here: the replica holds it by the time broadcast returned.
+                assert on_replica.zrangebyscore("replay:room", stamp, stamp) != []
+            stamps = log.broadcast_many([("room", "e", i) for i in range(5)])
+            assert on_replica.zcount("replay:room", stamps[0], stamps[-1]) == 5
+            stamp = asyncio.run(log.abroadcast("room", "e", "async"))
+            assert on_replica.zrangebyscore("replay:room", stamp, stamp) != []
+    finally:
+        log.close()
+
+
+def test_too_few_replicas_in_time_raise_and_say_the_message_is_on_the_master(
+    master_and_replica: tuple[RedisServer, RedisServer],
+) -> None:
+    master, replica = master_and_replica
+    log = replaylog.ReplayLog(master.url, min_replicas=1, replica_timeout=0.3)
+    assert replica.proc is not None
+    try:
+        log.broadcast("room", "e", "warm-up")
+        replica.proc.send_signal(signal.SIGSTOP)
+        with pytest.raises(replaylog.ReplicationError, match="may not survive a failover") as info:
+            log.broadcast("room", "e", "unreplicated")
+        [stamp] = info.value.timestamps
+        assert info.value.acknowledged == 0
+        with master.client() as on_master:
+            assert on_master.zrangebyscore("replay:room", stamp, stamp) != []
+        with pytest.raises(replaylog.ReplicationError):
+            log.broadcast_many([("room", "e", 1), ("room", "e", 2)])
+    finally:
+        replica.proc.send_signal(signal.SIGCONT)
+        log.close()
+
+
+def test_more_replicas_than_there_are_is_never_acknowledged(
+    master_and_replica: tuple[RedisServer, RedisServer],
+) -> None:
+    master, _ = master_and_replica
+    log = replaylog.ReplayLog(master.url, min_replicas=2, replica_timeout=0.2)
+    try:
+        with pytest.raises(replaylog.ReplicationError) as info:
+            log.broadcast("room", "e", 1)
+        assert info.value.acknowledged == 1
+    finally:
+        log.close()
+
+
+def test_without_min_replicas_no_wait_is_sent(
+    replay_log: replaylog.ReplayLog, rdb: redis.Redis
+) -> None:
+    assert replay_log.min_replicas == 0
+    rdb.config_resetstat()
+    replay_log.broadcast("room", "e", 1)
+    assert commands(rdb, "wait") == 0
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"min_replicas": -1}, "(?i)min_replicas"),
+        ({"min_replicas": "two"}, "(?i)min_replicas"),
+        ({"min_replicas": 1, "replica_timeout": 0}, "(?i)replica_timeout"),
+        ({"min_replicas": 1, "replica_timeout": 5, "response_timeout": 5}, "shorter"),
+    ],
+)
+def test_min_replicas_settings_are_checked(settings: dict[str, Any], message: str) -> None:
+    with pytest.raises(replaylog.ConfigurationError, match=message):
+        replaylog.ReplayLog(**settings)
+
+
+def test_min_replicas_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REPLAYLOG_MIN_REPLICAS", "1")
+    monkeypatch.setenv("REPLAYLOG_REPLICA_TIMEOUT", "0.5")
+    log = replaylog.ReplayLog()
+    assert (log.min_replicas, log.replica_timeout) == (1, 0.5)
