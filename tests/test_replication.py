@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -119,3 +120,43 @@ def test_min_replicas_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("REPLAYLOG_REPLICA_TIMEOUT", "0.5")
     log = replaylog.ReplayLog()
     assert (log.min_replicas, log.replica_timeout) == (1, 0.5)
+
+
+def test_every_acknowledged_broadcast_survives_the_masters_death(
+    master_and_replica: tuple[RedisServer, RedisServer],
+) -> None:
+    # A writer broadcasts as fast as it can; the master is killed (SIGKILL, no goodbye) in the
+    # middle, and its replica promoted, as a failover would. Every broadcast that returned is
+    # on the new master.
+    master, replica = master_and_replica
+    log = replaylog.ReplayLog(
+        master.url, min_replicas=1, replica_timeout=0.5, connect_timeout=0.5, response_timeout=1
+    )
+    acknowledged: list[int] = []
+    outcomes: list[str] = []
+
+    def write() -> None:
+        for i in range(100_000):
+            try:
+                acknowledged.append(log.broadcast("room", "e", i))
+            except replaylog.ReplayLogError as error:
+                outcomes.append(type(error).__name__)
+                return
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        deadline = time.monotonic() + 10
+        while len(acknowledged) < 200 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        master.stop()
+        writer.join(timeout=30)
+        with replica.client() as promoted:
+            promoted.execute_command("REPLICAOF", "NO", "ONE")
+            survived = {
+                int(score) for _, score in promoted.zrange("replay:room", 0, -1, withscores=True)
+            }
+    finally:
+        log.close()
+    assert len(acknowledged) >= 200 and outcomes, (len(acknowledged), outcomes)
+    assert set(acknowledged) <= survived
