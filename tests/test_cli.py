@@ -82,6 +82,9 @@ def test_tail_follow_is_gapless_and_ctrl_c_exits_zero(
         stderr=subprocess.PIPE,
         text=True,
         env=cli_env(replaylog_url),
+        # As from a terminal: a suite run in the background (`cmd &` in a script) ignores
+        # SIGINT, and a child that inherits that would never see the Ctrl-C.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         assert proc.stdout is not None
