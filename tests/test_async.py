@@ -64,12 +64,16 @@ class Ticker:
 # --------------------------------------------------------------------------- the event loop
 
 
-async def blocking_stall(replay_log: replaylog.ReplayLog, channel: str) -> float:
-    """The control: the loop's worst stall while 1,000 synchronous broadcasts run on it."""
+# Redis holds writes this long while the loop is watched: a call that waited for Redis on the
+# loop would stall it at least this long, far more than any busy machine adds.
+PAUSE_MS = 400
+
+
+async def blocking_stall(replay_log: replaylog.ReplayLog, rdb: redis.Redis, channel: str) -> float:
+    """The control: the loop's worst stall while one synchronous broadcast waits out a pause."""
     async with Ticker() as ticker:
-        await asyncio.sleep(0.005)
-        for i in range(1000):
-            replay_log.broadcast(channel, "e", {"i": i})
+        rdb.execute_command("CLIENT", "PAUSE", PAUSE_MS, "WRITE")
+        replay_log.broadcast(channel, "e", 0)
         await asyncio.sleep(0.005)
     return ticker.worst
 
@@ -77,11 +81,13 @@ async def blocking_stall(replay_log: replaylog.ReplayLog, channel: str) -> float
 def test_event_loop_stays_responsive_with_1000_abroadcasts_in_flight(
     replay_log: replaylog.ReplayLog, rdb: redis.Redis
 ) -> None:
-    # A busy machine only ever adds to a stall, so the best of three rounds is what the code does;
-    # it is compared with the control measured in this same run, not with a number of ms. Were
-    # abroadcast to wait for Redis on the loop, every round would stall as long as the control.
+    # The cause, not a duration: while Redis holds every write for PAUSE_MS, 1,000 abroadcasts
+    # wait on it and the loop keeps ticking. What stalls it then is this process's own CPU work
+    # (a busy machine only adds to that, hence the best of three rounds), far below the pause
+    # that a call waiting on the loop would add; the control shows that one.
     async def round_(channel: str) -> tuple[float, list[int]]:
         async with Ticker() as ticker:
+            rdb.execute_command("CLIENT", "PAUSE", PAUSE_MS, "WRITE")
             results = await asyncio.gather(
                 *(replay_log.abroadcast(channel, "e", {"i": i}) for i in range(1000))
             )
@@ -90,28 +96,17 @@ def test_event_loop_stays_responsive_with_1000_abroadcasts_in_flight(
 
     async def main() -> tuple[float, list[tuple[float, list[int]]]]:
         await replay_log.abroadcast("warm-up", "e", 0)  # connect before measuring
-        control = await blocking_stall(replay_log, "loop-control")
+        control = await blocking_stall(replay_log, rdb, "loop-control")
         return control, [await round_(f"loop-{r}") for r in range(3)]
 
     gc.collect()
     control, rounds = asyncio.run(main())
     best = min(worst for worst, _ in rounds)
-    assert best < control / 4, f"stalled {best * 1e3:.1f} ms; blocking: {control * 1e3:.1f}"
+    assert control >= PAUSE_MS / 1000 * 0.9
+    assert best < PAUSE_MS / 1000 / 2, f"stalled {best * 1e3:.1f} ms; blocking: {control * 1e3:.1f}"
     for r, (_, results) in enumerate(rounds):
         assert len(set(results)) == 1000
         assert rdb.zcard(f"replay:loop-{r}") == 1000
-
-
-def test_the_responsiveness_check_catches_a_blocking_call(
-    replay_log: replaylog.ReplayLog,
-) -> None:
-    """The control stalls the loop for at least 1,000 round trips' worth, however fast Redis is."""
-
-    async def main() -> float:
-        await replay_log.abroadcast("warm-up", "e", 0)
-        return await blocking_stall(replay_log, "blocking")
-
-    assert asyncio.run(main()) >= 0.020
 
 
 # --------------------------------------------------------------------------- asubscribe
