@@ -98,9 +98,10 @@ def redis_connections(admin: redis.Redis, pid: int) -> dict[str, int]:
     """How many connections Redis has from the process, pub/sub and other."""
     port = admin.connection_pool.connection_kwargs["port"]
     ports = local_ports_to(pid, port)
-    held = [c for c in admin.client_list() if int(c["addr"].rsplit(":", 1)[1]) in ports]
+    clients = admin.client_list()
+    held = [c for c in clients if int(c["addr"].rsplit(":", 1)[1]) in ports]
     pubsub = sum(1 for c in held if "P" in c["flags"])
-    return {"pubsub": pubsub, "other": len(held) - pubsub, "redis_total": len(admin.client_list())}
+    return {"pubsub": pubsub, "other": len(held) - pubsub, "redis_total": len(clients)}
 
 
 # --- the SSE load generator ----------------------------------------------------------------
@@ -114,28 +115,28 @@ class SseClient:
         self.messages = messages
         self.ticks: list[tuple[int, bytes]] = []
         self.resets = 0
-        self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
+        self.stream: AsyncIterator[tuple[int, bytes]] | None = None
 
     async def open(self, port: int) -> None:
-        self.reader, self.writer = await asyncio.open_connection("127.0.0.1", port)
+        reader, self.writer = await asyncio.open_connection("127.0.0.1", port)
         self.writer.write(b"GET /events/ HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-        head = await self.reader.readuntil(b"\r\n\r\n")
+        head = await reader.readuntil(b"\r\n\r\n")
         status = head.split(b" ", 2)[1]
         if status != b"200" or b"transfer-encoding: chunked" not in head.lower():
             raise RuntimeError(f"unexpected response: {head!r}")
-        async for _, frame in self.frames():
-            if b"event: stream-open" in frame:
-                return
+        self.stream = self.frames(reader)
+        _, frame = await self.stream.__anext__()
+        if b"event: stream-open" not in frame:
             raise RuntimeError(f"stream did not open: {frame!r}")
 
-    async def frames(self) -> AsyncIterator[tuple[int, bytes]]:
+    @staticmethod
+    async def frames(reader: asyncio.StreamReader) -> AsyncIterator[tuple[int, bytes]]:
         """``(arrival time_ns, frame)`` for each SSE frame, until the stream ends."""
-        assert self.reader is not None
         pending = b""
         while True:
-            size = int(await self.reader.readline(), 16)
-            chunk = await self.reader.readexactly(size + 2)
+            size = int(await reader.readline(), 16)
+            chunk = await reader.readexactly(size + 2)
             if size == 0:
                 return
             arrived = time.time_ns()
@@ -145,7 +146,8 @@ class SseClient:
                 yield arrived, frame
 
     async def read(self, done: asyncio.Event, unfinished: list[int]) -> None:
-        async for arrived, frame in self.frames():
+        assert self.stream is not None
+        async for arrived, frame in self.stream:
             if b"event: " + EVENT_NAME.encode() in frame:
                 self.ticks.append((arrived, frame))
                 if len(self.ticks) == self.messages:
@@ -210,7 +212,6 @@ class Run:
     p99_ms: float = 0.0
     last_client_p50_ms: float = 0.0
     max_ms: float = 0.0
-    clients_short: int = 0
     lost: int = 0
     duplicated: int = 0
     out_of_order: int = 0
@@ -243,7 +244,6 @@ def tally(run: Run, per_client: list[tuple[list[int], int]], messages: int) -> N
         run.lost += messages - len(distinct)
         run.duplicated += len(seqs) - len(distinct)
         run.out_of_order += sum(1 for a, b in zip(seqs, seqs[1:]) if b <= a)
-        run.clients_short += len(distinct) < messages
         latencies += lags
         for seq, lag in zip(seqs, lags):
             slowest[seq] = max(slowest[seq], lag)
@@ -419,6 +419,10 @@ async def one_run(run: Run, url: str, options: Options) -> Run:
 # --- the report ----------------------------------------------------------------------------
 
 
+def milliseconds(value: float) -> str:
+    return f"{value:.1f} ms" if value < 100 else f"{value:,.0f} ms"
+
+
 def table(runs: list[Run]) -> str:
     header = [
         "clients",
@@ -433,7 +437,7 @@ def table(runs: list[Run]) -> str:
     ]
     rows = []
     for run in runs:
-        label = f"{run.kind}, {run.rate:g} messages/s" + (", pub/sub killed" if run.kill else "")
+        label = f"{run.kind}, {run.rate:g}/s" + (", pub/sub killed halfway" if run.kill else "")
         if run.error:
             rows.append([f"{run.clients:,}", label, "failed: see below", *[""] * 6])
             continue
@@ -445,9 +449,9 @@ def table(runs: list[Run]) -> str:
                 f"{held['pubsub']} + {held['other']}",
                 f"{run.rss_per_client_kib:.1f} KiB",
                 f"{run.cpu_per_message_us:.1f} µs",
-                f"{run.p50_ms:.1f} ms",
-                f"{run.p99_ms:.1f} ms",
-                f"{run.last_client_p50_ms:.1f} ms",
+                milliseconds(run.p50_ms),
+                milliseconds(run.p99_ms),
+                milliseconds(run.last_client_p50_ms),
                 f"{run.lost} / {run.duplicated} / {run.out_of_order} / {run.resets}",
             ]
         )
@@ -471,7 +475,8 @@ def notes(runs: list[Run], options: Options) -> list[str]:
             f"{run.cpu_open_s * 1e3 / run.clients:.2f} ms of CPU each; RSS "
             f"{run.rss_base_kib / 1024:.0f} MiB before, {run.rss_kib / 1024:.0f} MiB after; "
             f"{run.delivered:,} of {run.clients * options.messages:,} delivered in "
-            f"{run.stream_s:.1f} s and {run.cpu_stream_s:.2f} s of CPU (this process, "
+            f"{run.stream_s:.1f} s ({run.delivered / run.stream_s:,.0f} per s) and "
+            f"{run.cpu_stream_s:.2f} s of CPU (this process, "
             f"{'reading the streams' if run.kind == 'SSE view' else 'broadcasting'}: "
             f"{run.generator_cpu_s:.2f} s); latency max {run.max_ms:.0f} ms{killed}; "
             f"at the end {after.get('pubsub')} + {after.get('other')} connections held, "
@@ -560,8 +565,8 @@ def main(argv: list[str] | None = None) -> int:
     raise_open_files_limit()
     with RedisServer() as server:
         runs = asyncio.run(run_all(server.url, args, options))
-    command = "python -m bench.fanout " + " ".join(argv if argv is not None else sys.argv[1:])
-    section = markdown(runs, options, command.strip())
+    arguments = " ".join(argv if argv is not None else sys.argv[1:])
+    section = markdown(runs, options, f".venv/bin/python -m bench.fanout {arguments}".strip())
     print(section)
     print(json.dumps([asdict(run) for run in runs]), file=sys.stderr)
     if not (args.smoke or args.no_write):
