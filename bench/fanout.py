@@ -207,6 +207,9 @@ class Run:
     generator_cpu_s: float = 0.0
     stream_s: float = 0.0
     killed: int = 0
+    # Listeners of the channel right after the broadcast that followed the kill: 0 proves that
+    # Redis published that message to nobody, so the clients could only get it from the log.
+    listeners_after_kill: int = -1
     delivered: int = 0
     p50_ms: float = 0.0
     p99_ms: float = 0.0
@@ -263,9 +266,13 @@ async def broadcast_all(
     start = time.monotonic()
     for seq in range(options.messages):
         await asyncio.sleep(max(0.0, start + seq / run.rate - time.monotonic()))
-        if run.kill and seq == options.messages // 2:
+        killing = run.kill and seq == options.messages // 2
+        if killing:
             run.killed = admin.client_kill_filter(_type="pubsub")
         await log.abroadcast(CHANNEL, EVENT_NAME, {"seq": seq, "sent_ns": time.time_ns()})
+        if killing:
+            [(_, listeners)] = admin.pubsub_numsub(f"mq:{CHANNEL}")
+            run.listeners_after_kill = int(listeners)
 
 
 def start_process(args: list[str], url: str, output: IO[bytes], **kwargs: Any) -> Any:
@@ -469,7 +476,12 @@ def notes(runs: list[Run], options: Options) -> list[str]:
             lines.append(f"{label}: FAILED: {run.error.strip().splitlines()[-1]}")
             continue
         after = run.connections_after
-        killed = f"; pub/sub connections killed: {run.killed}" if run.kill else ""
+        killed = (
+            f"; pub/sub connections killed: {run.killed}, listeners right after the next "
+            f"broadcast: {run.listeners_after_kill}"
+            if run.kill
+            else ""
+        )
         lines.append(
             f"{label}: opened in {run.opened_s:.1f} s, "
             f"{run.cpu_open_s * 1e3 / run.clients:.2f} ms of CPU each; RSS "
