@@ -268,11 +268,16 @@ async def broadcast_all(
         await asyncio.sleep(max(0.0, start + seq / run.rate - time.monotonic()))
         killing = run.kill and seq == options.messages // 2
         if killing:
+            # Redis refuses new connections until this broadcast is out, so that the hub
+            # cannot resubscribe first: the message can then only come from the log.
+            maxclients = str(admin.config_get("maxclients")["maxclients"])
+            admin.config_set("maxclients", len(admin.client_list(_type="normal")))
             run.killed = admin.client_kill_filter(_type="pubsub")
         await log.abroadcast(CHANNEL, EVENT_NAME, {"seq": seq, "sent_ns": time.time_ns()})
         if killing:
             [(_, listeners)] = admin.pubsub_numsub(f"mq:{CHANNEL}")
             run.listeners_after_kill = int(listeners)
+            admin.config_set("maxclients", maxclients)
 
 
 def start_process(args: list[str], url: str, output: IO[bytes], **kwargs: Any) -> Any:
