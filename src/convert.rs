@@ -1,5 +1,7 @@
 //! Python arguments to Rust values, and Redis replies back to Python objects.
 
+use std::borrow::Cow;
+
 use pyo3::exceptions::{PyRecursionError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyFloat, PyInt, PyList, PyString, PyTuple};
@@ -15,11 +17,11 @@ pub fn type_name(obj: &Bound<'_, PyAny>) -> String {
         .unwrap_or_else(|_| "?".into())
 }
 
-pub fn channel_str<'a>(channel: &'a Bound<'_, PyAny>) -> PyResult<&'a str> {
+pub fn channel_str<'a>(channel: &'a Bound<'_, PyAny>) -> PyResult<Cow<'a, str>> {
     let channel = channel.cast::<PyString>().map_err(|_| {
         PyTypeError::new_err(format!("channel must be str, not {}", type_name(channel)))
     })?;
-    channel.to_str()
+    channel.to_cow()
 }
 
 pub fn triple<'py>(
@@ -60,7 +62,8 @@ pub fn parse_since(since: &Bound<'_, PyAny>) -> PyResult<Since> {
     let value = if let Ok(float) = since.cast::<PyFloat>() {
         float.value()
     } else if let Ok(text) = since.cast::<PyString>() {
-        let text = text.to_str()?.trim();
+        let text = text.to_cow()?;
+        let text = text.trim();
         if let Ok(value) = text.parse::<i64>() {
             return Ok(Since::Int(value));
         }

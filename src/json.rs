@@ -178,7 +178,7 @@ impl<'a, 'py> Encoder<'a, 'py> {
             let value = f.value();
             check_finite(value)?;
             // float.__repr__, as json.dumps writes float keys ("1e+16", not "1e16").
-            PyFloat::new(key.py(), value).repr()?.to_str()?.to_owned()
+            PyFloat::new(key.py(), value).repr()?.to_cow()?.into_owned()
         } else {
             return Err(PyTypeError::new_err(format!(
                 "keys must be str, int, float, bool or None, not {}",
@@ -225,14 +225,14 @@ fn write_int(out: &mut Vec<u8>, value: &Bound<'_, PyInt>) -> PyResult<()> {
     let digits = unsafe {
         Bound::from_owned_ptr_or_err(value.py(), ffi::PyNumber_ToBase(value.as_ptr(), 10))?
     };
-    out.extend_from_slice(digits.cast::<PyString>()?.to_str()?.as_bytes());
+    out.extend_from_slice(digits.cast::<PyString>()?.to_cow()?.as_bytes());
     Ok(())
 }
 
 /// Writes a JSON string. Lone surrogates, which UTF-8 cannot hold, become `\udXXX` escapes,
 /// as `json.dumps` writes them.
 fn write_str(out: &mut Vec<u8>, s: &Bound<'_, PyString>) -> PyResult<()> {
-    match s.to_str() {
+    match s.to_cow() {
         Ok(text) => escape_into(out, text.as_bytes(), false),
         Err(_) => {
             // "surrogatepass" encodes each surrogate as the 3 bytes ED A0..BF xx.
@@ -719,17 +719,18 @@ fn scan_plain(bytes: &[u8]) -> usize {
             .unwrap_or(bytes.len() - offset)
 }
 
-/// A Python str from UTF-8 bytes; ASCII is copied straight into a compact string.
+/// A Python str from UTF-8 bytes.
 fn make_str<'py>(
     py: Python<'py>,
     text: &[u8],
     surrogatepass: bool,
 ) -> PyResult<Bound<'py, PyString>> {
-    // SAFETY: PyUnicode_New returns a new compact ASCII string of `text.len()` bytes (or
-    // NULL with an exception set), which we fill before anyone sees it. PyUnicode_DecodeUTF8
-    // validates its input and returns a new reference or NULL.
-    unsafe {
-        let ptr = if text.is_ascii() {
+    // ASCII is copied straight into a compact string; the stable ABI hides that layout.
+    #[cfg(not(feature = "abi3"))]
+    if text.is_ascii() {
+        // SAFETY: PyUnicode_New returns a new compact ASCII string of `text.len()` bytes (or
+        // NULL with an exception set), which we fill before anyone sees it.
+        unsafe {
             let ptr = ffi::PyUnicode_New(text.len() as ffi::Py_ssize_t, 127);
             if !ptr.is_null() {
                 std::ptr::copy_nonoverlapping(
@@ -738,15 +739,18 @@ fn make_str<'py>(
                     text.len(),
                 );
             }
-            ptr
-        } else {
-            let errors = if surrogatepass {
-                c"surrogatepass".as_ptr()
-            } else {
-                std::ptr::null()
-            };
-            ffi::PyUnicode_DecodeUTF8(text.as_ptr().cast(), text.len() as ffi::Py_ssize_t, errors)
-        };
+            return Ok(Bound::from_owned_ptr_or_err(py, ptr)?.cast_into_unchecked());
+        }
+    }
+    let errors = if surrogatepass {
+        c"surrogatepass".as_ptr()
+    } else {
+        std::ptr::null()
+    };
+    // SAFETY: PyUnicode_DecodeUTF8 validates its input and returns a new reference or NULL.
+    unsafe {
+        let ptr =
+            ffi::PyUnicode_DecodeUTF8(text.as_ptr().cast(), text.len() as ffi::Py_ssize_t, errors);
         Ok(Bound::from_owned_ptr_or_err(py, ptr)?.cast_into_unchecked())
     }
 }

@@ -175,7 +175,7 @@ impl NativeLog {
         aio: Aio<'_>,
     ) -> PyResult<Py<PyAny>> {
         let request = (
-            self.store.layout.channel_keys(channel_str(channel)?),
+            self.store.layout.channel_keys(&channel_str(channel)?),
             parse_since(since)?,
         );
         let limit = parse_limit(limit)?;
@@ -210,7 +210,7 @@ impl NativeLog {
             let pair = pair.cast_into::<PyTuple>()?;
             let channel = pair.get_item(0)?;
             requests.push((
-                self.store.layout.channel_keys(channel_str(&channel)?),
+                self.store.layout.channel_keys(&channel_str(&channel)?),
                 parse_since(&pair.get_item(1)?)?,
             ));
             channels.push(channel.unbind());
@@ -248,7 +248,7 @@ impl NativeLog {
         aio: Aio<'_>,
     ) -> PyResult<Py<PyAny>> {
         let request = ReplayRequest {
-            keys: self.store.layout.channel_keys(channel_str(channel)?),
+            keys: self.store.layout.channel_keys(&channel_str(channel)?),
             since: parse_since(since)?,
             epoch: epoch.unwrap_or_default(),
         };
@@ -305,7 +305,7 @@ impl NativeLog {
         expire_ms: i64,
         aio: Aio<'_>,
     ) -> PyResult<Py<PyAny>> {
-        let keys = self.store.layout.channel_keys(channel_str(channel)?);
+        let keys = self.store.layout.channel_keys(&channel_str(channel)?);
         self.dispatch(
             py,
             "prune_replay_logs",
@@ -324,7 +324,7 @@ impl NativeLog {
         channel: &Bound<'_, PyAny>,
         aio: Aio<'_>,
     ) -> PyResult<Py<PyAny>> {
-        let keys = self.store.layout.channel_keys(channel_str(channel)?);
+        let keys = self.store.layout.channel_keys(&channel_str(channel)?);
         self.dispatch(
             py,
             "delete_log",
@@ -382,7 +382,7 @@ impl NativeLog {
         let mut requests = Vec::with_capacity(channels.len());
         for triple in channels.iter() {
             let triple = triple.cast_into::<PyTuple>()?;
-            let channel = channel_str(&triple.get_item(0)?)?.to_owned();
+            let channel = channel_str(&triple.get_item(0)?)?.into_owned();
             let epoch: Option<String> = triple.get_item(2)?.extract()?;
             let since = triple.get_item(1)?;
             let since = if since.is_none() {
@@ -477,7 +477,7 @@ impl NativeLog {
                         type_name(key)
                     ))
                 })?;
-                Some(self.store.layout.idempotency_key(channel, key.to_str()?))
+                Some(self.store.layout.idempotency_key(&channel, &key.to_cow()?))
             }
         };
         let mut encoder = Encoder::new(default, Vec::with_capacity(256));
@@ -486,7 +486,7 @@ impl NativeLog {
         encoder.out.extend_from_slice(b",\"content\":");
         encoder.write(content)?;
         Ok(Outgoing {
-            keys: self.store.layout.channel_keys(channel),
+            keys: self.store.layout.channel_keys(&channel),
             head: encoder.out,
             idempotency_key,
         })
@@ -874,7 +874,7 @@ fn encode_json<'py>(
 #[pyfunction]
 fn decode_json<'py>(py: Python<'py>, data: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
     if let Ok(text) = data.cast::<PyString>() {
-        return json::decode(py, text.to_str()?.as_bytes());
+        return json::decode(py, text.to_cow()?.as_bytes());
     }
     let bytes = data.cast::<PyBytes>().map_err(|_| {
         PyTypeError::new_err(format!(
