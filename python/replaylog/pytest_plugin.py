@@ -46,6 +46,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Callable
 
 import pytest
@@ -92,7 +93,9 @@ def replaylog_redis_proc(request: pytest.FixtureRequest) -> Iterator[Any]:
     from pytest_redis.config import get_config
     from pytest_redis.executor import RedisExecutor
 
-    config = get_config(request)
+    config: Any = get_config(request)
+    if isinstance(config, dict):  # pytest-redis 3.1, the last for Python 3.9: no port search
+        config = SimpleNamespace(**config, port_search_count=1)
     datadir = Path(config.datadir) if config.datadir else None
     with tempfile.TemporaryDirectory(prefix="replaylog-redis-") as tmp:
         tried: set[int] = set()
