@@ -362,3 +362,8 @@ def clean_default(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatc
     replaylog.reset_default()
     yield monkeypatch
     replaylog.reset_default()
+
+
+def pytest_report_header() -> str:
+    # Which build a run tests: the checkout's (scripts/develop) or an installed wheel's.
+    return f"replaylog: {replaylog._native.__file__}"

@@ -143,6 +143,8 @@ def test_threads_read_at_once_on_at_most_four_bulk_connections(
 ) -> None:
     replay_log.broadcast_many([("shared", "e", {"n": n}) for n in range(300)])
     expected = stored(rdb, "replay:shared")
+    # Before redis-py 8 (and so on Python 3.9), rdb's own connection speaks RESP2 too.
+    rdb_id = str(rdb.client_id())
     results: list[bool] = []
     most = 0
     reading = True
@@ -155,7 +157,8 @@ def test_threads_read_at_once_on_at_most_four_bulk_connections(
         nonlocal most
         with redis.Redis.from_url(replaylog_url) as watcher:
             while reading:
-                most = max(most, len(bulk_clients(watcher)))
+                bulk = [c for c in bulk_clients(watcher) if c["id"] != rdb_id]
+                most = max(most, len(bulk))
 
     threads = [threading.Thread(target=read) for _ in range(8)]
     watcher = threading.Thread(target=watch)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+import django
 import pytest
 import redis
 from conftest import free_port
@@ -474,6 +475,9 @@ def test_replay_past_the_cap_is_a_reset(server: Server, replay_log: replaylog.Re
         stream.close()
 
 
+@pytest.mark.skipif(
+    django.VERSION < (5, 0), reason="Django cancels a disconnected client's view from 5.0 on"
+)
 def test_disconnect_releases_the_pubsub_connection(server: Server, rdb: redis.Redis) -> None:
     streams = [SSE(server.port, "/events/a+b/") for _ in range(5)]
     for stream in streams:

@@ -426,7 +426,7 @@ def shrink(target: dict[str, Any]) -> Callable[[Any], Any]:
 @pytest.mark.parametrize("mutation", [grow, shrink], ids=["grow", "shrink"])
 @pytest.mark.parametrize("nested", [False, True], ids=["top", "nested"])
 @pytest.mark.parametrize("many", [False, True], ids=["broadcast", "broadcast_many"])
-def test_default_that_mutates_the_dict_encodes_what_json_dumps_encodes(
+def test_default_that_mutates_the_dict_encodes_its_items_as_they_were(
     replay_log: replaylog.ReplayLog,
     mutation: Callable[[dict[str, Any]], Callable[[Any], Any]],
     nested: bool,
@@ -434,14 +434,15 @@ def test_default_that_mutates_the_dict_encodes_what_json_dumps_encodes(
 ) -> None:
     """A ``default`` that changes the dict being written: no PanicException (a BaseException
     that ``except Exception`` misses), and the dict's items as they were when its writing
-    began, as ``json.dumps`` gives them."""
+    began, as ``json.dumps`` gives them before Python 3.12 (later ones write the items they
+    find as they go)."""
 
     def make() -> tuple[dict[str, Any], Any]:
         target: dict[str, Any] = {"a": Opaque(), "b": 1, "z": 2}
         return target, ({"outer": [target]} if nested else target)
 
-    twin, twin_content = make()
-    expected = json.loads(json.dumps(twin_content, default=mutation(twin)))
+    _, unchanged = make()
+    expected = json.loads(json.dumps(unchanged, default=lambda value: "encoded"))
     target, content = make()
     try:
         if many:

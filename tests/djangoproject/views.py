@@ -7,12 +7,20 @@ views on replaylog's asyncio API, served by uvicorn in tests/test_asgi.py. ``pos
 
 from __future__ import annotations
 
+import functools
 import json
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, Callable
 
 from django.db.models import F
-from django.http import Http404, HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
+from django.http import (
+    Http404,
+    HttpRequest,
+    HttpResponse,
+    HttpResponseNotAllowed,
+    JsonResponse,
+    StreamingHttpResponse,
+)
 from django.views.decorators.http import require_http_methods
 
 import replaylog
@@ -63,8 +71,26 @@ def post_message(request: HttpRequest, room: str) -> JsonResponse:
 
 # --- async views: the asyncio API in Django async views (under ASGI: uvicorn, AsyncClient) ------
 
+AsyncView = Callable[..., Awaitable[HttpResponse]]
 
-@require_http_methods(["GET", "POST"])
+
+def async_require_http_methods(methods: list[str]) -> Callable[[AsyncView], AsyncView]:
+    """``require_http_methods`` for async views: Django's handles those from 5.0 on, and Python
+    3.9 gets Django 4.2."""
+
+    def decorator(view: AsyncView) -> AsyncView:
+        @functools.wraps(view)
+        async def checked(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+            if request.method not in methods:
+                return HttpResponseNotAllowed(methods)
+            return await view(request, *args, **kwargs)
+
+        return checked
+
+    return decorator
+
+
+@async_require_http_methods(["GET", "POST"])
 async def async_messages(request: HttpRequest, room: str) -> JsonResponse:
     if request.method == "POST":
         text = request.POST.get("text")
@@ -85,7 +111,7 @@ async def async_messages(request: HttpRequest, room: str) -> JsonResponse:
     )
 
 
-@require_http_methods(["POST"])
+@async_require_http_methods(["POST"])
 async def async_post_message(request: HttpRequest, room: str) -> JsonResponse:
     """``post_message`` for async code: saved in autocommit, so broadcast at once."""
     text = request.POST.get("text")
@@ -98,7 +124,7 @@ async def async_post_message(request: HttpRequest, room: str) -> JsonResponse:
     return JsonResponse({"id": message.pk, "timestamp": sent.timestamp}, status=201)
 
 
-@require_http_methods(["GET"])
+@async_require_http_methods(["GET"])
 async def stream(request: HttpRequest, room: str) -> HttpResponse:
     """Server-sent events: what the client missed after ``?since=``, then live messages.
 
