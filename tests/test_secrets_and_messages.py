@@ -16,6 +16,7 @@ import redis
 from conftest import PublishWatcher, free_port, last_json_line, run_python, snapshot
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_faults import exception_chain
 
 import replaylog
 
@@ -79,15 +80,8 @@ def url_forms(password: str, port: int) -> Iterator[str]:
 
 
 def exception_texts(exc: BaseException) -> Iterator[str]:
-    seen: set[int] = set()
-    todo: list[BaseException | None] = [exc]
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
+    for e in exception_chain(exc):
         yield from (str(e), repr(e), repr(e.args))
-        todo.extend([e.__cause__, e.__context__])
 
 
 def texts_about(url: str, monkeypatch: pytest.MonkeyPatch) -> list[str]:
