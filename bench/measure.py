@@ -411,8 +411,8 @@ def fill_for_prune(admin: redis.Redis, channels: int, per_channel: int) -> int:
         pipe.zadd(f"replay:room-{index}", members)
         # The bookkeeping replaylog's broadcast keeps beside each log.
         newest = max(members.values())
-        # "base top fresh", as src/lua/broadcast.lua writes it.
-        pipe.set(f"replaymeta:room-{index}", f"{min(members.values())} {newest} 1")
+        # "base top fresh epoch", as src/lua/broadcast.lua writes it.
+        pipe.set(f"replaymeta:room-{index}", f"{min(members.values())} {newest} 1 {now}000")
         if len(pipe) >= 2000:
             pipe.execute()
     pipe.execute()

@@ -8,8 +8,11 @@
 -- ms, the idempotency key is remembered.
 -- The shebang makes Redis refuse the whole script up front when it may not write (OOM, replica).
 --
--- Bookkeeping, "base top fresh": `top` is the newest timestamp issued, `base` the first cursor
--- the log vouches for (and its epoch), `fresh` whether it vouches for cursor 0 too.
+-- Bookkeeping, "base top fresh epoch": `top` is the newest timestamp issued, `base` the first
+-- cursor the log vouches for, `fresh` whether it vouches for cursor 0 too, `epoch` the name of
+-- this history: the Redis time in µs when it began, so a log deleted and started again within
+-- one millisecond still gets a new one. (Bookkeeping written before `epoch` existed has three
+-- fields; its epoch is `base`.)
 -- `prev` chains each message to the one before, so a replay can tell whether anything
 -- between a cursor and the oldest message left was removed, without any bookkeeping in prune.
 
@@ -25,10 +28,10 @@ end
 local now = redis.call('TIME')
 local timestamp = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 
-local base, top, fresh
+local base, top, fresh, epoch
 local meta = redis.call('GET', KEYS[2])
 if meta then
-    base, top, fresh = string.match(meta, '^(%d+) (%d+) (%d)$')
+    base, top, fresh, epoch = string.match(meta, '^(%d+) (%d+) (%d) ?(%d*)$')
     top = tonumber(top)
 end
 if not top then
@@ -38,6 +41,7 @@ if not top then
     top = newest and math.ceil(newest)
     base = string.format('%d', top or timestamp)
     fresh = top and '0' or '1'
+    epoch = now[1] .. string.format('%06d', tonumber(now[2]))
 end
 
 local message
@@ -63,7 +67,7 @@ end
 -- the log expired can still tell that messages were lost.
 local ttl = tonumber(ARGV[3])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
-redis.call('SET', KEYS[2], string.format('%s %d %s', base, timestamp, fresh),
+redis.call('SET', KEYS[2], string.format('%s %d %s %s', base, timestamp, fresh, epoch),
     'PX', string.format('%d', ttl * 2))
 if KEYS[3] then
     redis.call('SET', KEYS[3], string.format('%d', timestamp), 'PX', ARGV[5])

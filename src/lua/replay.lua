@@ -1,6 +1,6 @@
 #!lua flags=no-writes
 -- The messages of one log after a cursor, and whether that replay is complete.
--- KEYS[1]: the log. KEYS[2]: its bookkeeping, "base top fresh" (see broadcast.lua).
+-- KEYS[1]: the log. KEYS[2]: its bookkeeping, "base top fresh epoch" (see broadcast.lua).
 -- ARGV[1]: the exclusive lower bound, e.g. "(1700000000000". ARGV[2]: the cursor as a number.
 -- ARGV[3]: the most messages to return, or -1 for all. ARGV[4]: the epoch the client
 -- last saw, or "" if it has none.
@@ -29,7 +29,7 @@ if not meta then
     return {complete and 1 or 0, messages, '', newest}
 end
 
-local base, top, fresh = string.match(meta, '^(%d+) (%d+) (%d)$')
+local base, top, fresh, epoch = string.match(meta, '^(%d+) (%d+) (%d) ?(%d*)$')
 if not base then
     return {0, messages, '', false} -- unreadable bookkeeping: nothing can be vouched for
 end
@@ -54,5 +54,8 @@ else
         end
     end
 end
-complete = complete and (ARGV[4] == '' or ARGV[4] == base)
-return {complete and 1 or 0, messages, base, top}
+if epoch == '' then
+    epoch = base
+end
+complete = complete and (ARGV[4] == '' or ARGV[4] == epoch)
+return {complete and 1 or 0, messages, epoch, top}
