@@ -13,12 +13,16 @@ use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{Client, ConnectionInfo, IntoConnectionInfo, ProtocolVersion, RedisResult};
+use redis::cluster::ClusterClientBuilder;
+use redis::{Client, ConnectionInfo, ProtocolVersion, RedisResult};
 use tokio::runtime::Runtime;
 
 use crate::bulk::BulkConnection;
-use crate::hub::Hub;
+use crate::hub::{Dial, Hub};
+use crate::link::Link;
 use crate::process_local::ProcessLocal;
+use crate::sentinel::{Sentinels, RECHECK};
+use crate::target::Target;
 
 /// Which runtime a call runs on.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -163,20 +167,26 @@ pub struct Settings {
     pub busy_poll: Duration,
     /// The most payload bytes a subscription buffers for a consumer that lags.
     pub subscription_buffer_bytes: usize,
+    /// On a cluster: SPUBLISH/SSUBSCRIBE (each message goes to its shard only), not PUBLISH.
+    pub sharded_pubsub: bool,
 }
+
+/// One runtime flavor's connection, with the address it was made for (a Sentinel group's
+/// master moves; other targets keep "").
+type Current = Option<(String, Link)>;
 
 /// A log's connections in this process, per runtime flavor, and its pub/sub hub.
 #[derive(Default)]
 struct ProcessConnections {
-    calling: Mutex<Option<ConnectionManager>>,
-    background: Mutex<Option<ConnectionManager>>,
+    calling: Mutex<Current>,
+    background: Mutex<Current>,
     calling_bulk: Mutex<BulkPool>,
     background_bulk: Mutex<BulkPool>,
     hub: OnceLock<Hub>,
 }
 
 impl ProcessConnections {
-    fn manager(&self, flavor: Flavor) -> &Mutex<Option<ConnectionManager>> {
+    fn current(&self, flavor: Flavor) -> &Mutex<Current> {
         match flavor {
             Flavor::Calling => &self.calling,
             Flavor::Background => &self.background,
@@ -239,7 +249,8 @@ impl Drop for BulkLease<'_> {
 pub struct Connection {
     settings: Settings,
     /// `settings.url`, parsed once.
-    info: ConnectionInfo,
+    target: Target,
+    sentinels: Option<std::sync::Arc<Sentinels>>,
     process: ProcessLocal<ProcessConnections>,
     created: Instant,
     /// When the calling-flavor connection last answered, in ms after `created`.
@@ -251,10 +262,24 @@ pub struct Connection {
 impl Connection {
     pub fn new(settings: Settings) -> RedisResult<Connection> {
         // Parsed now, so a malformed URL fails at construction, not at the first call.
-        let info = settings.url.as_str().into_connection_info()?;
+        let target = Target::parse(&settings.url)?;
+        let sentinels = match &target {
+            Target::Sentinel {
+                sentinels,
+                master_name,
+                node,
+            } => Some(std::sync::Arc::new(Sentinels::new(
+                sentinels.clone(),
+                master_name.clone(),
+                node.clone(),
+                settings.connect_timeout,
+            ))),
+            _ => None,
+        };
         Ok(Connection {
             settings,
-            info,
+            target,
+            sentinels,
             process: ProcessLocal::new(),
             created: Instant::now(),
             calling_answered: AtomicU64::new(0),
@@ -277,19 +302,37 @@ impl Connection {
         if let Some(hub) = process.hub.get() {
             return Ok(hub);
         }
-        let client = Client::open(self.info.clone())?;
+        let dial = match (&self.target, &self.sentinels) {
+            (Target::Cluster(nodes), _) => Dial::Cluster {
+                nodes: nodes.clone(),
+                sharded: self.settings.sharded_pubsub,
+            },
+            (_, Some(sentinels)) => Dial::Sentinel(sentinels.clone()),
+            (target, None) => Dial::Single(Client::open(target.node_info().clone())?),
+        };
         Ok(process
             .hub
-            .get_or_init(|| Hub::start(client, self.settings.connect_timeout)))
+            .get_or_init(|| Hub::start(dial, self.settings.connect_timeout)))
     }
 
-    pub fn connection_info(&self) -> &ConnectionInfo {
-        &self.info
+    /// The one server's address, for the bulk path (one server only).
+    pub fn single_server(&self) -> Option<&ConnectionInfo> {
+        self.target.single()
     }
 
     /// The password in the URL, to scrub from any error text.
     pub fn password(&self) -> Option<&str> {
-        self.info.redis_settings().password()
+        self.target.node_info().redis_settings().password()
+    }
+
+    /// After a failure: if a Sentinel failover may explain it, ask where the master is before
+    /// the next call.
+    pub fn failed(&self, error: &redis::RedisError) {
+        if let Some(sentinels) = &self.sentinels {
+            if crate::sentinel::failover_may_explain(error) {
+                sentinels.suspect();
+            }
+        }
     }
 
     /// A bulk connection to use: an idle one, or leave to open one (`None` inside). `None`
@@ -340,19 +383,45 @@ impl Connection {
         drop(idle);
     }
 
-    /// This process's connection manager on the `flavor` runtime; no I/O happens here.
-    pub fn manager(&self, flavor: Flavor) -> RedisResult<ConnectionManager> {
-        let mut current = locked(self.process().manager(flavor));
-        if let Some(manager) = &*current {
-            return Ok(manager.clone());
+    /// This process's connection on the `flavor` runtime. No I/O happens here, except that a
+    /// Sentinel group's master is asked for when the last answer is older than `RECHECK`.
+    pub async fn link(&self, flavor: Flavor) -> RedisResult<Link> {
+        let master = match &self.sentinels {
+            Some(sentinels) => Some(sentinels.master(RECHECK).await?),
+            None => None,
+        };
+        let address = master
+            .as_ref()
+            .map_or_else(String::new, |info| info.addr().to_string());
+        let mut current = locked(self.process().current(flavor));
+        if let Some((made_for, link)) = &*current {
+            if *made_for == address {
+                return Ok(link.clone());
+            }
         }
-        let manager = self.build_manager(flavor)?;
-        *current = Some(manager.clone());
-        Ok(manager)
+        // The master moved: calls go to the new one from now on.
+        let link = self.build_link(flavor, master)?;
+        *current = Some((address, link.clone()));
+        Ok(link)
     }
 
-    fn build_manager(&self, flavor: Flavor) -> RedisResult<ConnectionManager> {
-        let info = self.info.clone();
+    fn build_link(&self, flavor: Flavor, master: Option<ConnectionInfo>) -> RedisResult<Link> {
+        // The connections' tasks live on the runtime that will drive their calls.
+        let _context = runtime(flavor).enter();
+        let info = match (&self.target, master) {
+            (Target::Cluster(nodes), _) => {
+                let client = ClusterClientBuilder::new(nodes.clone())
+                    .connection_timeout(self.settings.connect_timeout)
+                    .response_timeout(self.settings.response_timeout)
+                    .build()?;
+                let config = redis::cluster::ClusterConfig::new();
+                return Ok(Link::Cluster(
+                    client.get_pending_async_connection_with_config(config),
+                ));
+            }
+            (_, Some(master)) => master,
+            (target, None) => target.node_info().clone(),
+        };
         // RESP3 lets the manager hear of a disconnect at once and reconnect in the background.
         let redis_settings = info
             .redis_settings()
@@ -365,9 +434,9 @@ impl Connection {
             .set_number_of_retries(1)
             .set_min_delay(Duration::from_millis(20))
             .set_max_delay(Duration::from_millis(500));
-        // The manager's tasks live on the runtime that will drive its calls.
-        let _context = runtime(flavor).enter();
-        ConnectionManager::new_lazy_with_config(client, config)
+        Ok(Link::Single(ConnectionManager::new_lazy_with_config(
+            client, config,
+        )?))
     }
 
     /// Whether the `flavor` connection may have died unnoticed: a calling-flavor connection
@@ -392,7 +461,7 @@ impl Connection {
     pub fn close(&self) {
         let process = self.process();
         for flavor in [Flavor::Calling, Flavor::Background] {
-            let taken = locked(process.manager(flavor)).take();
+            let taken = locked(process.current(flavor)).take();
             drop(taken);
             let idle = locked(process.bulk_pool(flavor)).drain();
             drop(idle);

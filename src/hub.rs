@@ -17,11 +17,14 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use redis::aio::{PubSubSink, PubSubStream};
-use redis::{Client, RedisError, RedisResult};
+use redis::cluster::ClusterClientBuilder;
+use redis::cluster_async::ClusterConnection;
+use redis::{Client, ConnectionInfo, PushInfo, PushKind, RedisError, RedisResult, Value};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::connection::{runtime, Flavor};
+use crate::sentinel::{Sentinels, RECHECK};
 
 const FIRST_RETRY_DELAY: Duration = Duration::from_millis(20);
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(1);
@@ -73,6 +76,108 @@ enum Command {
     },
 }
 
+/// How the hub reaches Redis.
+pub enum Dial {
+    Single(Client),
+    /// The master the sentinels name at each connect; checked every `RECHECK` meanwhile.
+    Sentinel(Arc<Sentinels>),
+    /// A cluster connection that subscribes where the channels live and subscribes again by
+    /// itself after a failover or resharding; `sharded` for SSUBSCRIBE.
+    Cluster {
+        nodes: Vec<ConnectionInfo>,
+        sharded: bool,
+    },
+}
+
+/// The hub's connection.
+enum PubSubLink {
+    Plain {
+        sink: PubSubSink,
+        stream: PubSubStream,
+        /// Where it is connected, to notice that a Sentinel group's master moved.
+        address: String,
+    },
+    Cluster {
+        connection: ClusterConnection,
+        pushes: mpsc::UnboundedReceiver<PushInfo>,
+        sharded: bool,
+    },
+}
+
+/// What the hub's connection brought.
+enum Heard {
+    Message(Vec<u8>, Vec<u8>),
+    /// Subscribed (again): messages of this channel may have been missed before.
+    Subscribed(Vec<u8>),
+    Lost,
+    Nothing,
+}
+
+impl PubSubLink {
+    async fn next(&mut self) -> Heard {
+        match self {
+            PubSubLink::Plain { stream, .. } => match stream.next().await {
+                Some(message) => Heard::Message(
+                    message.get_channel_name().as_bytes().to_vec(),
+                    message.get_payload_bytes().to_vec(),
+                ),
+                None => Heard::Lost,
+            },
+            PubSubLink::Cluster { pushes, .. } => {
+                let Some(push) = pushes.recv().await else {
+                    return Heard::Lost;
+                };
+                let name = match push.data.first() {
+                    Some(Value::BulkString(name)) => name.clone(),
+                    _ => return Heard::Nothing,
+                };
+                match (push.kind, push.data.get(1)) {
+                    (PushKind::Message | PushKind::SMessage, Some(Value::BulkString(payload))) => {
+                        Heard::Message(name, payload.clone())
+                    }
+                    (PushKind::Subscribe | PushKind::SSubscribe, _) => Heard::Subscribed(name),
+                    _ => Heard::Nothing,
+                }
+            }
+        }
+    }
+
+    async fn subscribe(&mut self, names: &[&Vec<u8>]) -> RedisResult<()> {
+        match self {
+            PubSubLink::Plain { sink, .. } => sink.subscribe(names).await,
+            PubSubLink::Cluster {
+                connection,
+                sharded: false,
+                ..
+            } => connection.subscribe(names).await,
+            PubSubLink::Cluster { connection, .. } => {
+                // Each shard channel lives on its own slot's node.
+                for name in names {
+                    connection.ssubscribe(name).await?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    async fn unsubscribe(&mut self, names: &[Vec<u8>]) -> RedisResult<()> {
+        match self {
+            PubSubLink::Plain { sink, .. } => sink.unsubscribe(names).await,
+            PubSubLink::Cluster {
+                connection,
+                sharded: false,
+                ..
+            } => connection.unsubscribe(names).await,
+            PubSubLink::Cluster { connection, .. } => {
+                for name in names {
+                    connection.sunsubscribe(name).await?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
 /// The handle of a log's hub task; dropping it ends the task and closes its connection.
 pub struct Hub {
     commands: mpsc::UnboundedSender<Command>,
@@ -80,9 +185,9 @@ pub struct Hub {
 }
 
 impl Hub {
-    pub fn start(client: Client, connect_timeout: Duration) -> Hub {
+    pub fn start(dial: Dial, connect_timeout: Duration) -> Hub {
         let (commands, received) = mpsc::unbounded_channel();
-        runtime(Flavor::Background).spawn(run(client, connect_timeout, received));
+        runtime(Flavor::Background).spawn(run(dial, connect_timeout, received));
         Hub {
             commands,
             next_id: AtomicUsize::new(0),
@@ -187,36 +292,40 @@ impl Member {
 
 /// The hub's state: its members, who listens to which channel, and the connection.
 struct State {
-    client: Client,
+    dial: Dial,
     connect_timeout: Duration,
     members: HashMap<u64, Member>,
     /// Pub/sub name -> the members listening, each with its index for the channel.
     listeners: HashMap<Vec<u8>, Vec<(u64, usize)>>,
-    link: Option<(PubSubSink, PubSubStream)>,
+    link: Option<PubSubLink>,
     /// While the connection is down and someone listens: when to try again, and the delay
     /// after that.
     retry: Option<(Instant, Duration)>,
 }
 
-async fn run(
-    client: Client,
-    connect_timeout: Duration,
-    mut commands: mpsc::UnboundedReceiver<Command>,
-) {
+async fn run(dial: Dial, connect_timeout: Duration, mut commands: mpsc::UnboundedReceiver<Command>) {
+    let sentinel = matches!(dial, Dial::Sentinel(_));
     let mut state = State {
-        client,
+        dial,
         connect_timeout,
         members: HashMap::new(),
         listeners: HashMap::new(),
         link: None,
         retry: None,
     };
+    // Deadlines, not fresh sleeps: a steady flow of messages must not keep putting them off.
+    let mut next_overflow_check = Instant::now();
+    let mut next_master_check = Instant::now() + RECHECK;
     loop {
         let overflowed = state.members.values().any(|member| member.overflowed);
+        if !overflowed {
+            next_overflow_check = Instant::now() + OVERFLOW_CHECK;
+        }
         let retry_at = state.retry.map(|(at, _)| at);
+        let checks_master = sentinel && state.link.is_some();
         let message = async {
             match &mut state.link {
-                Some((_, stream)) => stream.next().await,
+                Some(link) => link.next().await,
                 None => std::future::pending().await,
             }
         };
@@ -234,17 +343,24 @@ async fn run(
                     }
                 }
             },
-            message = message => match message {
-                Some(message) => state.fan_out(message.get_channel_name().as_bytes(), message.get_payload_bytes()),
-                None => state.lost(),
+            heard = message => match heard {
+                Heard::Message(name, payload) => state.fan_out(&name, &payload),
+                Heard::Subscribed(name) => state.catch_up_listeners(&name),
+                Heard::Lost => state.lost(),
+                Heard::Nothing => {}
             },
             _ = sleep_until(retry_at) => state.reconnect().await,
-            _ = tokio::time::sleep(OVERFLOW_CHECK), if overflowed => {
+            _ = tokio::time::sleep_until(next_overflow_check), if overflowed => {
+                next_overflow_check = Instant::now() + OVERFLOW_CHECK;
                 for member in state.members.values_mut() {
                     if member.overflowed && member.queue.has_room() {
                         member.catch_up();
                     }
                 }
+            }
+            _ = tokio::time::sleep_until(next_master_check), if checks_master => {
+                next_master_check = Instant::now() + RECHECK;
+                state.check_master().await;
             }
         }
     }
@@ -276,7 +392,10 @@ impl State {
         // Connecting afresh means everyone missed what came meanwhile.
         let subscribed = match &mut self.link {
             Some(_) if new.is_empty() => Ok(false),
-            Some((sink, _)) => sink.subscribe(&new).await.map(|()| false),
+            Some(link) => {
+                let new: Vec<&Vec<u8>> = new.iter().collect();
+                link.subscribe(&new).await.map(|()| false)
+            }
             None => self.connect().await.map(|()| true),
         };
         match subscribed {
@@ -305,8 +424,8 @@ impl State {
             // No one listens: close the connection (ending the subscriptions with it).
             self.link = None;
             self.retry = None;
-        } else if let (Some((sink, _)), false) = (&mut self.link, gone.is_empty()) {
-            let _ = sink.unsubscribe(&gone).await;
+        } else if let (Some(link), false) = (&mut self.link, gone.is_empty()) {
+            let _ = link.unsubscribe(&gone).await;
         }
     }
 
@@ -360,9 +479,40 @@ impl State {
     async fn connect(&mut self) -> RedisResult<()> {
         let names: Vec<&Vec<u8>> = self.listeners.keys().collect();
         let connected = tokio::time::timeout(self.connect_timeout, async {
-            let (mut sink, stream) = self.client.get_async_pubsub().await?.split();
-            sink.subscribe(&names).await?;
-            RedisResult::Ok((sink, stream))
+            let (client, address) = match &self.dial {
+                Dial::Single(client) => (client.clone(), String::new()),
+                Dial::Sentinel(sentinels) => {
+                    let master = sentinels.master(Duration::ZERO).await?;
+                    let address = master.addr().to_string();
+                    (Client::open(master)?, address)
+                }
+                Dial::Cluster { nodes, sharded } => {
+                    let (pushed, pushes) = mpsc::unbounded_channel();
+                    let client = ClusterClientBuilder::new(nodes.clone())
+                        .use_protocol(redis::ProtocolVersion::RESP3)
+                        .push_sender(pushed)
+                        .connection_timeout(self.connect_timeout)
+                        .build()?;
+                    let mut link = PubSubLink::Cluster {
+                        connection: client.get_async_connection().await?,
+                        pushes,
+                        sharded: *sharded,
+                    };
+                    if !names.is_empty() {
+                        link.subscribe(&names).await?;
+                    }
+                    return RedisResult::Ok(link);
+                }
+            };
+            let (mut sink, stream) = client.get_async_pubsub().await?.split();
+            if !names.is_empty() {
+                sink.subscribe(&names).await?;
+            }
+            RedisResult::Ok(PubSubLink::Plain {
+                sink,
+                stream,
+                address,
+            })
         })
         .await
         .unwrap_or_else(|_| {
@@ -374,6 +524,31 @@ impl State {
         self.link = Some(connected);
         self.retry = None;
         Ok(())
+    }
+
+    /// A Sentinel group's master moved away from the connection: connect to the new one.
+    async fn check_master(&mut self) {
+        let (Dial::Sentinel(sentinels), Some(PubSubLink::Plain { address, .. })) =
+            (&self.dial, &self.link)
+        else {
+            return;
+        };
+        if let Ok(master) = sentinels.master(RECHECK).await {
+            if master.addr().to_string() != *address {
+                self.lost();
+            }
+        }
+    }
+
+    fn catch_up_listeners(&mut self, name: &[u8]) {
+        let Some(listening) = self.listeners.get(name) else {
+            return;
+        };
+        for (id, _) in listening {
+            if let Some(member) = self.members.get_mut(id) {
+                member.catch_up();
+            }
+        }
     }
 
     fn catch_up_all(&mut self) {

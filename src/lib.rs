@@ -8,9 +8,12 @@ mod convert;
 mod errors;
 mod hub;
 mod json;
+mod link;
 mod process_local;
+mod sentinel;
 mod store;
 mod subscription;
+mod target;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -20,7 +23,7 @@ use std::time::{Duration, Instant};
 use pyo3::exceptions::{PyRecursionError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
-use redis::aio::ConnectionManager;
+use crate::link::Link;
 use redis::RedisResult;
 use tokio::task::JoinHandle;
 
@@ -49,7 +52,7 @@ impl NativeLog {
     #[new]
     #[pyo3(signature = (
         url, masked_url, *, connect_timeout, response_timeout, busy_poll_us,
-        subscription_buffer_bytes, channel_prefix,
+        subscription_buffer_bytes, sharded_pubsub, channel_prefix,
         log_prefix, meta_prefix, idempotency_prefix, cluster_keys, expire_ms, max_len,
         idempotency_window_ms, min_replicas, replica_timeout_ms
     ))]
@@ -62,6 +65,7 @@ impl NativeLog {
         response_timeout: f64,
         busy_poll_us: u64,
         subscription_buffer_bytes: usize,
+        sharded_pubsub: bool,
         channel_prefix: String,
         log_prefix: String,
         meta_prefix: String,
@@ -79,6 +83,7 @@ impl NativeLog {
             response_timeout: seconds(response_timeout)?,
             busy_poll: Duration::from_micros(busy_poll_us),
             subscription_buffer_bytes,
+            sharded_pubsub,
         };
         let connection = Connection::new(settings).map_err(|e| {
             let reason = e.detail().unwrap_or(e.category()).replace(url, &masked_url);
@@ -91,6 +96,7 @@ impl NativeLog {
             meta_prefix,
             idempotency_prefix,
             cluster_keys,
+            sharded_pubsub,
         };
         let limits = Limits {
             expire_ms,
@@ -505,7 +511,7 @@ impl NativeLog {
     ) -> PyResult<Py<PyAny>>
     where
         T: Send + 'static,
-        F: FnOnce(Arc<Store>, Flavor, ConnectionManager) -> Fut + Send + 'static,
+        F: FnOnce(Arc<Store>, Flavor, Link) -> Fut + Send + 'static,
         Fut: Future<Output = RedisResult<T>> + Send + 'static,
         C: FnOnce(Python<'_>, T) -> PyResult<Py<PyAny>> + Send + 'static,
     {

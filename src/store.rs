@@ -1,14 +1,16 @@
 //! The Redis operations: broadcast, unspool and prune, on the article's key layout.
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::io;
 
-use redis::aio::ConnectionManager;
+use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use redis::{Cmd, Pipeline, RedisError, RedisResult, Script, Value};
 
 use crate::bulk::{timed_out, BulkConnection, Miss, Replies};
 use crate::connection::{Connection, Flavor};
 use crate::errors::Failure;
+use crate::link::Link;
 
 const BROADCAST_LUA: &str = include_str!("lua/broadcast.lua");
 const REPLAY_LUA: &str = include_str!("lua/replay.lua");
@@ -52,6 +54,9 @@ pub struct Layout {
     pub meta_prefix: String,
     pub idempotency_prefix: String,
     pub cluster_keys: bool,
+    /// Sharded pub/sub: the channel name carries the same hash tag as the keys, since SPUBLISH
+    /// in a script must stay in the script's slot.
+    pub sharded_pubsub: bool,
 }
 
 impl Layout {
@@ -76,7 +81,11 @@ impl Layout {
 
     pub fn channel_keys(&self, channel: &str) -> ChannelKeys {
         ChannelKeys {
-            pubsub: [self.channel_prefix.as_bytes(), channel.as_bytes()].concat(),
+            pubsub: if self.sharded_pubsub {
+                self.key(&self.channel_prefix, channel)
+            } else {
+                [self.channel_prefix.as_bytes(), channel.as_bytes()].concat()
+            },
             log: self.key(&self.log_prefix, channel),
             meta: self.key(&self.meta_prefix, channel),
         }
@@ -213,13 +222,13 @@ impl Store {
         operation: F,
     ) -> Result<T, Failure>
     where
-        F: FnOnce(ConnectionManager) -> Fut,
+        F: FnOnce(Link) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
     {
-        let manager = self
-            .connection
-            .manager(flavor)
-            .map_err(|e| self.failure(&e, what))?;
+        let manager = match self.connection.link(flavor).await {
+            Ok(link) => link,
+            Err(error) => return Err(self.failure(&error, what)),
+        };
         if uses == Uses::Regular {
             self.check_if_idle(flavor).await;
         }
@@ -237,8 +246,10 @@ impl Store {
                     )))
                 })
         };
-        if outcome.is_ok() && uses == Uses::Regular {
-            self.connection.answered(flavor);
+        match &outcome {
+            Ok(_) if uses == Uses::Regular => self.connection.answered(flavor),
+            Ok(_) => {}
+            Err(error) => self.connection.failed(error),
         }
         outcome.map_err(|e| self.failure(&e, what))
     }
@@ -280,7 +291,7 @@ impl Store {
     /// Returns the timestamps, in order.
     pub async fn broadcast(
         &self,
-        mut manager: ConnectionManager,
+        mut manager: Link,
         messages: &[Outgoing],
     ) -> RedisResult<Broadcasted> {
         if messages.is_empty() {
@@ -302,18 +313,42 @@ impl Store {
         // included; a script cannot run it, so it follows in its own round trip.
         let replicas = match self.limits.min_replicas {
             0 => None,
-            wanted => Some(
-                redis::cmd("WAIT")
-                    .arg(wanted)
-                    .arg(self.limits.replica_timeout_ms)
-                    .query_async(&mut manager)
-                    .await?,
-            ),
+            wanted => Some(self.wait_for_replicas(&mut manager, messages, wanted).await?),
         };
         Ok(Broadcasted {
             timestamps,
             replicas,
         })
+    }
+
+    /// The fewest replicas holding the messages: WAIT on the master of each message's slot
+    /// (one server: the one master).
+    async fn wait_for_replicas(
+        &self,
+        manager: &mut Link,
+        messages: &[Outgoing],
+        wanted: u32,
+    ) -> RedisResult<i64> {
+        let mut wait = redis::cmd("WAIT");
+        wait.arg(wanted).arg(self.limits.replica_timeout_ms);
+        let Link::Cluster(cluster) = manager else {
+            return wait.query_async(manager).await;
+        };
+        let slots: HashSet<Route> = messages
+            .iter()
+            .map(|message| Route::with_key(&message.keys.log, SlotAddr::Master))
+            .collect();
+        let waits = slots.into_iter().map(|route| {
+            let mut cluster = cluster.clone();
+            let wait = wait.clone();
+            async move {
+                let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route));
+                let held = cluster.route_command(wait, routing).await?;
+                Ok::<i64, RedisError>(redis::from_redis_value::<i64>(held)?)
+            }
+        });
+        let held = futures_util::future::try_join_all(waits).await?;
+        Ok(held.into_iter().min().unwrap_or(i64::from(wanted)))
     }
 
     pub fn limits(&self) -> &Limits {
@@ -332,7 +367,8 @@ impl Store {
             .arg(&message.head)
             .arg(self.limits.expire_ms)
             .arg(self.limits.max_len)
-            .arg(self.limits.idempotency_window_ms);
+            .arg(self.limits.idempotency_window_ms)
+            .arg(u8::from(self.layout.sharded_pubsub));
         cmd
     }
 
@@ -340,7 +376,7 @@ impl Store {
     /// cursor existed but is gone (pruned, trimmed, expired, flushed).
     pub async fn replay(
         &self,
-        mut manager: ConnectionManager,
+        mut manager: Link,
         requests: &[ReplayRequest],
         limit: Option<u64>,
     ) -> RedisResult<Vec<Replayed>> {
@@ -380,7 +416,7 @@ impl Store {
     pub async fn unspool(
         &self,
         flavor: Flavor,
-        mut manager: ConnectionManager,
+        mut manager: Link,
         requests: &[(ChannelKeys, Since)],
         limit: Option<u64>,
     ) -> RedisResult<Replies> {
@@ -424,7 +460,7 @@ impl Store {
             let mut bulk = match idle {
                 Some(bulk) => bulk,
                 None => {
-                    let info = self.connection.connection_info();
+                    let info = self.connection.single_server().ok_or(Miss::Unusable)?;
                     BulkConnection::open(info, settings.connect_timeout).await?
                 }
             };
@@ -458,48 +494,144 @@ impl Store {
     /// `channels`, a SCAN glob over channel names, narrows it to the logs it matches.
     pub async fn prune(
         &self,
-        mut manager: ConnectionManager,
+        mut manager: Link,
         expire_ms: i64,
         channels: Option<&str>,
     ) -> RedisResult<i64> {
         let oldest_kept = redis_now_ms(&mut manager).await? - expire_ms;
         let pattern = self.log_pattern(channels);
+        if !manager.is_cluster() {
+            return prune_node(&mut manager, None, &pattern, oldest_kept).await;
+        }
+        // Every master's keys, each SCAN paged on its own node. A node that fails on the way
+        // (a failover, resharding) is left for a second look at the topology, which walks
+        // whichever master serves its slots now.
+        let mut walked = HashSet::new();
         let mut removed = 0;
-        let mut cursor: Option<u64> = Some(0);
-        let mut keys: Vec<Vec<u8>> = Vec::new();
-        while cursor.is_some() || !keys.is_empty() {
-            let mut pipe = Pipeline::with_capacity(keys.len() + 1);
-            for key in &keys {
-                pipe.cmd("ZREMRANGEBYSCORE")
-                    .arg(key)
-                    .arg("-inf")
-                    .arg(oldest_kept);
+        let mut failure = None;
+        for _ in 0..3 {
+            let masters = cluster_masters(&mut manager).await?;
+            let pending: Vec<(String, u16)> = masters
+                .into_iter()
+                .filter(|master| !walked.contains(master))
+                .collect();
+            if pending.is_empty() {
+                return Ok(removed);
             }
-            if let Some(position) = cursor {
-                pipe.cmd("SCAN")
-                    .arg(position)
-                    .arg("MATCH")
-                    .arg(&pattern)
-                    .arg("COUNT")
-                    .arg(SCAN_COUNT)
-                    .arg("TYPE")
-                    .arg("zset");
+            for node in pending {
+                match prune_node(&mut manager, Some(&node), &pattern, oldest_kept).await {
+                    Ok(count) => {
+                        removed += count;
+                        walked.insert(node);
+                    }
+                    Err(error) => failure = Some(error),
+                }
             }
-            let mut replies: Vec<Value> = query(&mut manager, &pipe).await?;
-            let scan_reply = cursor.map(|_| replies.pop().expect("one reply per command"));
-            for trimmed in replies {
-                removed += redis::from_redis_value::<i64>(trimmed)?;
+            if failure.is_none() {
+                return Ok(removed);
             }
-            keys.clear();
-            cursor = None;
-            if let Some(reply) = scan_reply {
-                let (next, found): (u64, Vec<Vec<u8>>) = redis::from_redis_value(reply)?;
-                keys = found;
-                cursor = (next != 0).then_some(next);
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        }
+        Err(failure.expect("a walk failed"))
+    }
+}
+
+/// Trims the logs that SCAN finds on one node (`node`, on a cluster) to `oldest_kept`.
+/// A step's trims travel with the SCAN of the next step: one round trip each on one server.
+async fn prune_node(
+    manager: &mut Link,
+    node: Option<&(String, u16)>,
+    pattern: &[u8],
+    oldest_kept: i64,
+) -> RedisResult<i64> {
+    let mut removed = 0;
+    let mut cursor: Option<u64> = Some(0);
+    let mut keys: Vec<Vec<u8>> = Vec::new();
+    while cursor.is_some() || !keys.is_empty() {
+        let mut pipe = Pipeline::with_capacity(keys.len() + 1);
+        for key in &keys {
+            pipe.cmd("ZREMRANGEBYSCORE")
+                .arg(key)
+                .arg("-inf")
+                .arg(oldest_kept);
+        }
+        let scan = cursor.map(|position| {
+            let mut scan = redis::cmd("SCAN");
+            scan.arg(position)
+                .arg("MATCH")
+                .arg(pattern)
+                .arg("COUNT")
+                .arg(SCAN_COUNT)
+                .arg("TYPE")
+                .arg("zset");
+            scan
+        });
+        let (trimmed, scan_reply) = match (node, scan) {
+            (Some((host, port)), scan) => {
+                let trimmed: Vec<Value> = if keys.is_empty() {
+                    Vec::new()
+                } else {
+                    query(manager, &pipe).await?
+                };
+                let scan_reply = match (scan, &*manager) {
+                    (Some(scan), Link::Cluster(cluster)) => {
+                        let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                            host: host.clone(),
+                            port: *port,
+                        });
+                        Some(cluster.clone().route_command(scan, routing).await?)
+                    }
+                    _ => None,
+                };
+                (trimmed, scan_reply)
+            }
+            (None, scan) => {
+                let scanning = scan.is_some();
+                if let Some(scan) = scan {
+                    pipe.add_command(scan);
+                }
+                let mut replies: Vec<Value> = query(manager, &pipe).await?;
+                let scan_reply = scanning.then(|| replies.pop().expect("one reply per command"));
+                (replies, scan_reply)
+            }
+        };
+        for reply in trimmed {
+            removed += redis::from_redis_value::<i64>(reply)?;
+        }
+        keys.clear();
+        cursor = None;
+        if let Some(reply) = scan_reply {
+            let (next, found): (u64, Vec<Vec<u8>>) = redis::from_redis_value(reply)?;
+            keys = found;
+            cursor = (next != 0).then_some(next);
+        }
+    }
+    Ok(removed)
+}
+
+/// The addresses of a cluster's masters that serve slots, from CLUSTER NODES.
+async fn cluster_masters(manager: &mut Link) -> RedisResult<Vec<(String, u16)>> {
+    let nodes: String = redis::cmd("CLUSTER").arg("NODES").query_async(manager).await?;
+    let mut masters = Vec::new();
+    for line in nodes.lines() {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let (Some(address), Some(flags)) = (fields.get(1), fields.get(2)) else {
+            continue;
+        };
+        let serving = fields.len() > 8;
+        let failing = flags.contains("fail") || flags.contains("noaddr");
+        if !flags.split(',').any(|flag| flag == "master") || failing || !serving {
+            continue;
+        }
+        // "ip:port@cport[,hostname]"
+        let address = address.split(['@', ',']).next().unwrap_or_default();
+        if let Some((host, port)) = address.rsplit_once(':') {
+            if let Ok(port) = port.parse() {
+                masters.push((host.to_owned(), port));
             }
         }
-        Ok(removed)
     }
+    Ok(masters)
 }
 
 impl Store {
@@ -519,7 +651,7 @@ impl Store {
     /// Trims entries older than `expire_ms` from one channel's log; returns how many.
     pub async fn prune_log(
         &self,
-        mut manager: ConnectionManager,
+        mut manager: Link,
         keys: &ChannelKeys,
         expire_ms: i64,
     ) -> RedisResult<i64> {
@@ -536,7 +668,7 @@ impl Store {
     /// Deletes one channel's log and bookkeeping; returns how many messages it held.
     pub async fn delete(
         &self,
-        mut manager: ConnectionManager,
+        mut manager: Link,
         keys: &ChannelKeys,
     ) -> RedisResult<i64> {
         let mut cmd = redis::cmd("EVALSHA");
@@ -561,12 +693,18 @@ impl Store {
     /// and the count is of what it removed (or would remove). For the command line.
     pub async fn scan_logs(
         &self,
-        mut manager: ConnectionManager,
+        mut manager: Link,
         cursor: u64,
         channels: Option<&str>,
         expire_ms: Option<i64>,
         dry_run: bool,
     ) -> RedisResult<(u64, i64, Vec<LogStats>)> {
+        if manager.is_cluster() {
+            return Err(RedisError::from((
+                redis::ErrorKind::Client,
+                "the command line's log listing reads one server; on a cluster, point it at each master",
+            )));
+        }
         let now = redis_now_ms(&mut manager).await?;
         let mut scan = Pipeline::new();
         scan.cmd("SCAN")
@@ -636,7 +774,7 @@ pub struct LogStats {
 }
 
 /// The Redis clock, in milliseconds.
-async fn redis_now_ms(manager: &mut ConnectionManager) -> RedisResult<i64> {
+async fn redis_now_ms(manager: &mut Link) -> RedisResult<i64> {
     let mut time = Pipeline::new();
     time.cmd("TIME");
     let ((seconds, micros),): ((i64, i64),) = query(manager, &time).await?;
@@ -646,7 +784,7 @@ async fn redis_now_ms(manager: &mut ConnectionManager) -> RedisResult<i64> {
 /// Sends a pipeline. A refused connection sent nothing, so it is tried once more: the first
 /// call after Redis came back would otherwise fail on the connection that died with it.
 async fn query<T: redis::FromRedisValue>(
-    manager: &mut ConnectionManager,
+    manager: &mut Link,
     pipe: &Pipeline,
 ) -> RedisResult<T> {
     match pipe.query_async(manager).await {
@@ -655,10 +793,11 @@ async fn query<T: redis::FromRedisValue>(
     }
 }
 
-/// Sends `commands` in one pipeline and returns their replies. Those that answer NOSCRIPT
-/// (the script cache was flushed; nothing ran) are sent again once `script` is loaded.
+/// Runs `commands` (see `Link::run_each`) and returns their replies. Those that answer
+/// NOSCRIPT (the script cache was flushed; nothing ran) are sent again once `script` is loaded
+/// (on a cluster, on every master).
 async fn run_scripts(
-    manager: &mut ConnectionManager,
+    manager: &mut Link,
     script: &Script,
     commands: &[Cmd],
 ) -> RedisResult<Vec<Value>> {
@@ -667,12 +806,11 @@ async fn run_scripts(
         let pending: Vec<usize> = (0..commands.len())
             .filter(|&i| replies[i].is_none())
             .collect();
-        let mut pipe = Pipeline::with_capacity(pending.len());
-        pipe.ignore_errors();
-        for &index in &pending {
-            pipe.add_command(commands[index].clone());
-        }
-        let answers: Vec<Value> = query(manager, &pipe).await?;
+        let sent: Vec<Cmd> = pending.iter().map(|&i| commands[i].clone()).collect();
+        let answers = match manager.run_each(&sent).await {
+            Err(e) if e.is_connection_refusal() => manager.run_each(&sent).await?,
+            answers => answers?,
+        };
         let mut missing_script = false;
         for (index, answer) in pending.into_iter().zip(answers) {
             match answer {
@@ -728,6 +866,7 @@ mod tests {
             meta_prefix: "replaymeta:".into(),
             idempotency_prefix: "replayonce:".into(),
             cluster_keys,
+            sharded_pubsub: false,
         }
     }
 

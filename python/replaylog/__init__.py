@@ -106,6 +106,7 @@ class ReplayLog:
         replay_limit: int | None = None,
         min_replicas: int | None = None,
         replica_timeout: float | None = None,
+        sharded_pubsub: bool | None = None,
         default: Default = None,
     ) -> None:
         resolve = _settings.resolve
@@ -134,6 +135,17 @@ class ReplayLog:
         )
         self.max_len: int = resolve("REPLAYLOG_MAX_LEN", max_len, _settings.as_max_len)
         self.cluster_keys: bool = resolve("REPLAYLOG_CLUSTER_KEYS", cluster_keys, _settings.as_bool)
+        # SPUBLISH/SSUBSCRIBE on a cluster: each message goes to its channel's shard only.
+        self.sharded_pubsub: bool = resolve(
+            "REPLAYLOG_SHARDED_PUBSUB", sharded_pubsub, _settings.as_bool
+        )
+        if _settings.is_cluster_url(self._url):
+            # A cluster runs each script on one slot: every key of a channel carries its tag.
+            if cluster_keys is False:
+                raise ConfigurationError("a redis+cluster:// URL needs cluster_keys")
+            self.cluster_keys = True
+        elif self.sharded_pubsub:
+            raise ConfigurationError("sharded_pubsub needs a redis+cluster:// URL")
         self.idempotency_window_ms: int = resolve(
             "REPLAYLOG_IDEMPOTENCY_WINDOW_MS", idempotency_window_ms, _settings.as_expire_ms
         )
@@ -174,6 +186,7 @@ class ReplayLog:
             response_timeout=self.response_timeout,
             busy_poll_us=self.busy_poll_us,
             subscription_buffer_bytes=self.subscription_buffer_bytes,
+            sharded_pubsub=self.sharded_pubsub,
             channel_prefix=self.channel_prefix,
             log_prefix=self.log_prefix,
             meta_prefix=self.meta_prefix,

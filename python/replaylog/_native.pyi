@@ -17,6 +17,7 @@ class NativeLog:
         response_timeout: float,
         busy_poll_us: int,
         subscription_buffer_bytes: int,
+        sharded_pubsub: bool,
         channel_prefix: str,
         log_prefix: str,
         meta_prefix: str,

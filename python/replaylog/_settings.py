@@ -46,6 +46,7 @@ SETTINGS: dict[str, tuple[str, Any]] = {
     "REPLAYLOG_IDEMPOTENCY_PREFIX": ("REPLAYLOG_IDEMPOTENCY_PREFIX", DEFAULT_IDEMPOTENCY_PREFIX),
     "REPLAYLOG_MAX_LEN": ("REPLAYLOG_MAX_LEN", 0),
     "REPLAYLOG_CLUSTER_KEYS": ("REPLAYLOG_CLUSTER_KEYS", False),
+    "REPLAYLOG_SHARDED_PUBSUB": ("REPLAYLOG_SHARDED_PUBSUB", False),
     "REPLAYLOG_IDEMPOTENCY_WINDOW_MS": (
         "REPLAYLOG_IDEMPOTENCY_WINDOW_MS",
         DEFAULT_IDEMPOTENCY_WINDOW_MS,
@@ -90,11 +91,28 @@ def as_url(name: str, value: Any) -> str:
     if not isinstance(value, str) or not value:
         raise ConfigurationError(f"{name} must be a non-empty string, got {type(value).__name__}")
     scheme = value.split("://", 1)[0] if "://" in value else ""
-    if scheme not in ("redis", "rediss", "unix", "redis+unix"):
+    if scheme not in _SCHEMES:
         raise ConfigurationError(
-            f"{name} must be a redis://, rediss:// or unix:// URL, got {mask_url(value)!r}"
+            f"{name} must be a redis://, rediss://, unix://, redis+cluster:// or "
+            f"redis+sentinel:// URL, got {mask_url(value)!r}"
         )
     return value
+
+
+_SCHEMES = (
+    "redis",
+    "rediss",
+    "unix",
+    "redis+unix",
+    "redis+cluster",
+    "rediss+cluster",
+    "redis+sentinel",
+    "rediss+sentinel",
+)
+
+
+def is_cluster_url(url: str) -> bool:
+    return url.split("://", 1)[0] in ("redis+cluster", "rediss+cluster")
 
 
 # Far beyond any real use (about 3 centuries of milliseconds), and small enough that Redis
@@ -197,8 +215,8 @@ def as_prefix(name: str, value: Any) -> str:
 
 
 # Query parameters that hold a password: redis-rs reads ``pass`` (for unix sockets), redis-py
-# ``password``.
-_PASSWORD_PARAMS = ("pass", "password")
+# ``password``, replaylog's own ``sentinel_password`` the sentinels' one.
+_PASSWORD_PARAMS = ("pass", "password", "sentinel_password")
 # redis-rs's URL parser drops these wherever they are, so they never delimit anything.
 _DROPPED_CHARACTERS = str.maketrans("", "", "\t\n\r")
 # A "://" further on may be in the password.

@@ -5,7 +5,8 @@
 -- ARGV[1]: the pub/sub channel. ARGV[2]: the message JSON up to its last fields, which the
 -- script adds: `,"prev":<timestamp before>,"timestamp":<timestamp>}`. ARGV[3]: the log's
 -- time to live in ms. ARGV[4]: the most entries kept, 0 for no cap. ARGV[5]: how long, in
--- ms, the idempotency key is remembered.
+-- ms, the idempotency key is remembered. ARGV[6]: "1" to publish on a cluster's shard
+-- (SPUBLISH; the channel then shares the keys' hash tag), else "0".
 -- The shebang makes Redis refuse the whole script up front when it may not write (OOM, replica).
 --
 -- Bookkeeping, "base top fresh epoch": `top` is the newest timestamp issued, `base` the first
@@ -56,7 +57,7 @@ else
     message = string.format('%s,"timestamp":%d}', ARGV[2], timestamp)
 end
 redis.call('ZADD', KEYS[1], timestamp, message)
-redis.call('PUBLISH', ARGV[1], message)
+redis.call(ARGV[6] == '1' and 'SPUBLISH' or 'PUBLISH', ARGV[1], message)
 
 local max_len = tonumber(ARGV[4])
 if max_len > 0 and redis.call('ZCARD', KEYS[1]) > max_len then
