@@ -161,8 +161,17 @@ def last_json_line(proc: subprocess.CompletedProcess[str]) -> Any:
 class RedisServer:
     """A redis-server process of our own on a loopback port; restartable on the same port."""
 
-    def __init__(self, workdir: Path, *args: str, password: str | None = None) -> None:
-        self.port = free_port()
+    def __init__(
+        self,
+        workdir: Path,
+        *args: str,
+        password: str | None = None,
+        config_first: bool = False,
+        port: int | None = None,
+    ) -> None:
+        self.port = port or free_port()
+        # A sentinel's config file must come before every option.
+        self.config_first = config_first
         self.host = "127.0.0.1"
         self.args = list(args)
         self.password = password
@@ -178,9 +187,12 @@ class RedisServer:
     def start(self) -> None:
         assert self.proc is None
         log_path = self.workdir / "redis.log"
+        config = self.args[:1] if self.config_first else []
+        options = self.args[1:] if self.config_first else self.args
         self.proc = subprocess.Popen(
             [
                 REDIS_SERVER,
+                *config,
                 "--port",
                 str(self.port),
                 "--bind",
@@ -193,7 +205,7 @@ class RedisServer:
                 str(self.workdir),
                 "--logfile",
                 str(log_path),
-                *self.args,
+                *options,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
