@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import threading
 import time
 from pathlib import Path
 
 import redis
+import replaylog
 from conftest import RedisServer, free_port
 
 REDIS_CLI = shutil.which("redis-cli") or "/usr/bin/redis-cli"
@@ -65,6 +67,19 @@ class Cluster:
             timeout=60,
         )
         wait_for(self.healthy, 30, "the cluster to be ready")
+        wait_for(self.replicas_in_sync, 30, "the replicas to sync")
+
+    def replicas_in_sync(self) -> bool:
+        for node in self.nodes:
+            if node.proc is None:
+                continue
+            with node.client(socket_timeout=2) as c:
+                replication = c.info("replication")
+            if replication["role"] == "slave" and replication["master_link_status"] != "up":
+                return False
+            if replication["role"] == "master" and replication["connected_slaves"] < 1:
+                return False
+        return True
 
     @property
     def url(self) -> str:
@@ -170,3 +185,90 @@ class SentinelGroup:
     def stop(self) -> None:
         for server in [*self.sentinels, self.master, self.replica]:
             server.stop()
+
+
+class Stream:
+    """Broadcasts a numbered stream to `channels` from a thread while a subscription reads it.
+
+    Afterwards `check()` holds that, per channel, every acknowledged message was delivered
+    once and in order, unless the subscription reported the loss (IncompleteReplayError).
+    """
+
+    def __init__(self, log: replaylog.ReplayLog, channels: list[str], pause: float = 0.005):
+        self.log = log
+        self.channels = channels
+        self.pause = pause
+        self.acknowledged: dict[str, list[int]] = {c: [] for c in channels}
+        self.failed: list[BaseException] = []
+        #: When each broadcast failed or came back, to measure recovery.
+        self.outcomes: list[tuple[float, bool]] = []
+        self.delivered: dict[str, list[int]] = {c: [] for c in channels}
+        self.gaps: dict[str, int] = {c: 0 for c in channels}
+        self.stopped = threading.Event()
+        self.subscription = log.subscribe(channels)
+        self.writer = threading.Thread(target=self._write, daemon=True)
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reading = threading.Event()
+        self.reading.set()
+        self.writer.start()
+        self.reader.start()
+
+    def _write(self) -> None:
+        number = 0
+        while not self.stopped.is_set():
+            number += 1
+            for channel in self.channels:
+                try:
+                    self.log.broadcast(channel, "n", number)
+                except replaylog.ReplayLogError as error:
+                    self.failed.append(error)
+                    self.outcomes.append((time.monotonic(), False))
+                else:
+                    self.acknowledged[channel].append(number)
+                    self.outcomes.append((time.monotonic(), True))
+            time.sleep(self.pause)
+
+    def _read(self) -> None:
+        while self.reading.is_set():
+            try:
+                message = self.subscription.get(timeout=0.2)
+            except replaylog.IncompleteReplayError as gap:
+                self.gaps[gap.channel] += 1
+                continue
+            except replaylog.ReplayLogError:
+                time.sleep(0.05)  # Redis unreachable for now: the subscription recovers
+                continue
+            if message is not None:
+                self.delivered[message["channel"]].append(message["content"])
+
+    def recovery_seconds(self, since: float) -> float:
+        """From `since` to the first acknowledged broadcast after the last failure."""
+        last_failure = max((at for at, ok in self.outcomes if not ok), default=since)
+        first_ok = min(at for at, ok in self.outcomes if ok and at > last_failure)
+        return first_ok - since
+
+    def stop(self, drain_timeout: float = 30) -> None:
+        self.stopped.set()
+        self.writer.join(timeout=60)
+        deadline = time.monotonic() + drain_timeout
+        while time.monotonic() < deadline and not self._drained():
+            time.sleep(0.05)
+        self.reading.clear()
+        self.reader.join(timeout=10)
+        self.subscription.close()
+
+    def _drained(self) -> bool:
+        return all(
+            self.gaps[c] or set(self.acknowledged[c]) <= set(self.delivered[c])
+            for c in self.channels
+        )
+
+    def check(self) -> None:
+        for channel in self.channels:
+            delivered = self.delivered[channel]
+            # Once and in order: strictly increasing.
+            assert delivered == sorted(set(delivered)), f"{channel}: duplicated or reordered"
+            missing = set(self.acknowledged[channel]) - set(delivered)
+            assert not missing or self.gaps[channel], (
+                f"{channel}: {len(missing)} acknowledged messages lost without a report"
+            )
