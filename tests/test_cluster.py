@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 import redis
-import replaylog
 from topology import REDIS_CLI, Cluster, Stream, wait_for
+
+import replaylog
 
 # Channels whose slots fall on every master.
 CHANNELS = [f"room-{index}" for index in range(12)]
@@ -198,7 +199,9 @@ def test_refusals_and_a_slow_node_on_a_cluster(cluster: Cluster) -> None:
     # NOPERM: an ACL user without EVALSHA on every node.
     for node_server in cluster.nodes:
         with node_server.client() as node:
-            node.execute_command("ACL", "SETUSER", "reader", "on", ">pw", "~*", "+@read", "+cluster")
+            node.execute_command(
+                "ACL", "SETUSER", "reader", "on", ">pw", "~*", "+@read", "+cluster"
+            )
     limited = replaylog.ReplayLog(cluster.url.replace("://", "://reader:pw@", 1))
     with pytest.raises(replaylog.PermissionDeniedError):
         limited.broadcast(channel, "e", "no")

@@ -8,8 +8,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import replaylog
 from topology import SentinelGroup, Stream, wait_for
+
+import replaylog
 
 CHANNELS = ["a", "b", "c"]
 

@@ -9,8 +9,9 @@ import time
 from pathlib import Path
 
 import redis
-import replaylog
 from conftest import RedisServer, free_port
+
+import replaylog
 
 REDIS_CLI = shutil.which("redis-cli") or "/usr/bin/redis-cli"
 NODE_TIMEOUT_MS = 2000
@@ -172,10 +173,7 @@ class SentinelGroup:
     def url(self) -> str:
         first, *others = self.sentinels
         extra = "".join(f"&addr=127.0.0.1:{s.port}" for s in others)
-        return (
-            f"redis+sentinel://127.0.0.1:{first.port}/0"
-            f"?sentinel_master_name={self.NAME}{extra}"
-        )
+        return f"redis+sentinel://127.0.0.1:{first.port}/0?sentinel_master_name={self.NAME}{extra}"
 
     def master_port(self) -> int:
         with self.sentinels[0].client() as c:
