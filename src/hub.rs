@@ -109,6 +109,8 @@ enum Heard {
     Message(Vec<u8>, Vec<u8>),
     /// Subscribed (again): messages of this channel may have been missed before.
     Subscribed(Vec<u8>),
+    /// Unsubscribed: by us (a leave), or by the server (its slot moved to another node).
+    Unsubscribed(Vec<u8>),
     Lost,
     Nothing,
 }
@@ -127,6 +129,11 @@ impl PubSubLink {
                 let Some(push) = pushes.recv().await else {
                     return Heard::Lost;
                 };
+                // One node's connection dropped. redis-rs subscribes again by itself, but not
+                // always where the channel lives now (a failover, a dead node): start afresh.
+                if push.kind == PushKind::Disconnection {
+                    return Heard::Lost;
+                }
                 let name = match push.data.first() {
                     Some(Value::BulkString(name)) => name.clone(),
                     _ => return Heard::Nothing,
@@ -136,6 +143,7 @@ impl PubSubLink {
                         Heard::Message(name, payload.clone())
                     }
                     (PushKind::Subscribe | PushKind::SSubscribe, _) => Heard::Subscribed(name),
+                    (PushKind::Unsubscribe | PushKind::SUnsubscribe, _) => Heard::Unsubscribed(name),
                     _ => Heard::Nothing,
                 }
             }
@@ -346,6 +354,9 @@ async fn run(dial: Dial, connect_timeout: Duration, mut commands: mpsc::Unbounde
             heard = message => match heard {
                 Heard::Message(name, payload) => state.fan_out(&name, &payload),
                 Heard::Subscribed(name) => state.catch_up_listeners(&name),
+                // Still wanted: the server dropped it (resharding moved its slot).
+                Heard::Unsubscribed(name) if state.listeners.contains_key(&name) => state.lost(),
+                Heard::Unsubscribed(_) => {}
                 Heard::Lost => state.lost(),
                 Heard::Nothing => {}
             },

@@ -103,10 +103,20 @@ def test_sharded_pubsub_publishes_on_the_channels_shard_only(cluster: Cluster) -
         replaylog.ReplayLog(cluster.url, cluster_keys=False)
 
 
-@pytest.mark.parametrize("min_replicas", [0, 1])
-def test_a_master_killed_mid_stream(fresh_cluster: Cluster, min_replicas: int) -> None:
+@pytest.mark.parametrize(
+    ("min_replicas", "sharded"),
+    [(0, False), (1, False), (0, True)],
+    ids=["", "min_replicas", "sharded"],
+)
+def test_a_master_killed_mid_stream(
+    fresh_cluster: Cluster, min_replicas: int, sharded: bool
+) -> None:
     log = replaylog.ReplayLog(
-        fresh_cluster.url, min_replicas=min_replicas, replica_timeout=0.5, response_timeout=2
+        fresh_cluster.url,
+        min_replicas=min_replicas,
+        replica_timeout=0.5,
+        response_timeout=2,
+        sharded_pubsub=sharded,
     )
     stream = Stream(log, CHANNELS[:6])
     time.sleep(1)
@@ -120,7 +130,7 @@ def test_a_master_killed_mid_stream(fresh_cluster: Cluster, min_replicas: int) -
     time.sleep(1.5)
     stream.stop()
     recovery = stream.recovery_seconds(killed_at)
-    print(f"\nmaster killed, min_replicas={min_replicas}: calls recovered in {recovery:.1f} s")
+    print(f"\nmaster killed ({min_replicas=}, {sharded=}): calls recovered in {recovery:.1f} s")
     stream.check()
     assert all(stream.acknowledged[c] for c in CHANNELS[:6])
     assert stream.failed, "the kill did not interrupt a single broadcast"
@@ -130,6 +140,31 @@ def test_a_master_killed_mid_stream(fresh_cluster: Cluster, min_replicas: int) -
             stored = [m["content"] for m in log.unspool(channel, 0)]
             assert set(stream.acknowledged[channel]) <= set(stored)
             assert stream.gaps[channel] == 0
+
+
+def test_the_node_holding_the_subscription_dies(fresh_cluster: Cluster) -> None:
+    log = replaylog.ReplayLog(fresh_cluster.url, response_timeout=2)
+    stream = Stream(log, CHANNELS[:3])
+    time.sleep(1)
+    # Classic SUBSCRIBE lives on one node of the cluster's choosing: kill that one.
+    holder = None
+    for node in fresh_cluster.nodes:
+        with node.client() as c:
+            if c.execute_command("PUBSUB", "NUMSUB", f"mq:{CHANNELS[0]}")[1]:
+                holder = node
+    assert holder is not None
+    killed_at = time.monotonic()
+    holder.stop()
+    holder.proc = None
+    wait_for(fresh_cluster.healthy, 30, "the cluster to recover")
+    time.sleep(2)
+    stream.stop()
+    recovery = stream.recovery_seconds(killed_at)
+    print(f"\nsubscription's node killed: calls recovered in {recovery:.1f} s")
+    stream.check()
+    for channel in CHANNELS[:3]:
+        # Subscribed again elsewhere: the last messages were delivered.
+        assert stream.delivered[channel][-1] == stream.acknowledged[channel][-1]
 
 
 def test_resharding_mid_stream(fresh_cluster: Cluster) -> None:

@@ -267,6 +267,8 @@ class Stream:
             # Once and in order: strictly increasing.
             assert delivered == sorted(set(delivered)), f"{channel}: duplicated or reordered"
             missing = set(self.acknowledged[channel]) - set(delivered)
+            stored = {m["content"] for m in self.log.unspool(channel, 0)}
             assert not missing or self.gaps[channel], (
                 f"{channel}: {len(missing)} acknowledged messages lost without a report"
+                f" ({len(missing - stored)} of them not in the log)"
             )

@@ -474,6 +474,9 @@ MALFORMED = [
     ("REPLAYLOG_MIN_REPLICAS", -1, "replaylog.E016"),
     ("REPLAYLOG_MIN_REPLICAS", "two", "replaylog.E016"),
     ("REPLAYLOG_REPLICA_TIMEOUT", 0, "replaylog.E017"),
+    ("REPLAYLOG_SHARDED_PUBSUB", "maybe", "replaylog.E018"),
+    ("REPLAYLOG_URL", "redis+sentinel://localhost:26379/0", "replaylog.E002"),
+    ("REPLAYLOG_URL", "redis+cluster://localhost:7000?addr=nope", "replaylog.E002"),
 ]
 
 
@@ -489,6 +492,16 @@ def test_settings_that_do_not_work_together_are_reported() -> None:
         [error] = replaylog_errors()
     assert (error.id, error.level) == ("replaylog.E012", checks.ERROR)
     assert "prefix" in error.msg
+    # Sharded pub/sub needs a cluster URL: the URL is what does not fit.
+    with override_settings(REPLAYLOG_SHARDED_PUBSUB=True):
+        [error] = replaylog_errors()
+    assert error.id == "replaylog.E002" and "redis+cluster://" in error.msg
+    cluster = "redis+cluster://localhost:7000?addr=localhost:7001"
+    with override_settings(REPLAYLOG_SHARDED_PUBSUB=True, REPLAYLOG_URL=cluster):
+        assert replaylog_errors() == []
+    sentinel = "redis+sentinel://localhost:26379/0?sentinel_master_name=mymaster"
+    with override_settings(REPLAYLOG_URL=sentinel):
+        assert replaylog_errors() == []
 
 
 @pytest.mark.parametrize(("name", "value", "check_id"), MALFORMED)

@@ -9,8 +9,9 @@ applies the rules between settings. Building one connects to nothing: the checks
 id                  reported when
 ==================  =====================================================================
 ``replaylog.E001``  ``EXPIRE_REPLAY_LOGS_MS`` is not a positive integer of milliseconds
-``replaylog.E002``  ``REPLAYLOG_URL`` is not a redis://, rediss:// or unix:// URL, or its
-                    host, port, database or options are malformed
+``replaylog.E002``  ``REPLAYLOG_URL`` is not a redis://, rediss://, unix://,
+                    redis+cluster:// or redis+sentinel:// URL, or its host, port,
+                    database or options are malformed
 ``replaylog.E003``  ``REPLAYLOG_CONNECT_TIMEOUT`` is not a number of seconds in (0, 86400)
 ``replaylog.E004``  ``REPLAYLOG_RESPONSE_TIMEOUT`` is not a number of seconds in (0, 86400)
 ``replaylog.E005``  ``REPLAYLOG_CHANNEL_PREFIX`` is not a string
@@ -21,7 +22,13 @@ id                  reported when
 ``replaylog.E010``  ``REPLAYLOG_CLUSTER_KEYS`` is not a bool
 ``replaylog.E011``  ``REPLAYLOG_IDEMPOTENCY_WINDOW_MS`` is not a positive integer of ms
 ``replaylog.E013``  ``REPLAYLOG_BUSY_POLL_US`` is not an integer of µs from 0 to 10000
-``replaylog.E012``  each setting is valid but they do not work together (equal prefixes)
+``replaylog.E014``  ``REPLAYLOG_SUBSCRIPTION_BUFFER_BYTES`` is not a positive integer
+``replaylog.E015``  ``REPLAYLOG_REPLAY_LIMIT`` is not a positive integer
+``replaylog.E016``  ``REPLAYLOG_MIN_REPLICAS`` is not an integer from 0 to 100
+``replaylog.E017``  ``REPLAYLOG_REPLICA_TIMEOUT`` is not a number of seconds
+``replaylog.E018``  ``REPLAYLOG_SHARDED_PUBSUB`` is not a bool
+``replaylog.E012``  each setting is valid but they do not work together (equal prefixes,
+                    sharded pub/sub without a cluster URL, ...)
 ``replaylog.W001``  ``REPLAYLOG_LOG_PREFIX`` is empty, so a prune would scan every key
 ==================  =====================================================================
 """
@@ -49,7 +56,7 @@ def _check_url(name: str, value: Any) -> str:
         parts = urlsplit(url)
     except ValueError:  # its message may quote the password
         raise ConfigurationError(f"{name} is malformed: {masked!r}") from None
-    if parts.scheme in ("redis", "rediss"):
+    if parts.scheme in ("redis", "rediss") or parts.scheme.endswith(("+cluster", "+sentinel")):
         try:
             port = parts.port
         except ValueError:
@@ -84,6 +91,7 @@ _CONVERTERS: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "REPLAYLOG_REPLAY_LIMIT": ("replaylog.E015", _settings.as_positive_int),
     "REPLAYLOG_MIN_REPLICAS": ("replaylog.E016", _settings.as_min_replicas),
     "REPLAYLOG_REPLICA_TIMEOUT": ("replaylog.E017", _settings.as_seconds),
+    "REPLAYLOG_SHARDED_PUBSUB": ("replaylog.E018", _settings.as_bool),
 }
 _COMBINATION_ID = "replaylog.E012"
 
@@ -114,7 +122,8 @@ def _error(message: str, name: str, check_id: str) -> checks.Error:
 def _build_error() -> tuple[str, str] | None:
     """Build ReplayLogs from the settings (no connection): (setting, message) of what fails."""
     try:  # every setting but the URL, which is replaced by one known to be good
-        ReplayLog(url=_settings.DEFAULT_URL).close()
+        # (sharded pub/sub, which needs a cluster URL, is judged with the URL below)
+        ReplayLog(url=_settings.DEFAULT_URL, sharded_pubsub=False).close()
     except ConfigurationError as exc:
         return "", str(exc)
     try:  # and now the URL too, parsed as the native module will
