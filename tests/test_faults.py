@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from typing import Any, Callable
 
 import pytest
+import redis
 from conftest import (
     PublishWatcher,
     RedisServer,
@@ -316,3 +317,18 @@ def test_malformed_url_error_hides_the_password(clean_default: pytest.MonkeyPatc
     with pytest.raises(replaylog.ConfigurationError) as info:
         replaylog.broadcast("ch", "e", 1)
     assert_secret_hidden(info.value, "leaky-pw")
+
+
+def test_a_refusal_carries_redis_s_error_code_and_writes_nothing(
+    replay_log: replaylog.ReplayLog, rdb: redis.Redis, watcher: PublishWatcher
+) -> None:
+    rdb.set("replay:wt", "a plain string")
+    with pytest.raises(replaylog.RedisRefusedError) as refused:
+        replay_log.broadcast("wt", "e", 1)
+    assert refused.value.code == "WRONGTYPE"
+    assert "WRONGTYPE" in str(refused.value)
+    assert watcher.published() == []
+    assert rdb.get("replay:wt") == b"a plain string"
+    assert rdb.exists("replaymeta:wt") == 0
+    # A class-level code stays for the subclasses.
+    assert replaylog.OutOfMemoryError.code == "OOM"
