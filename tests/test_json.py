@@ -268,10 +268,20 @@ def test_default_is_not_called_for_native_types(rdb: redis.Redis) -> None:
     assert [m["content"] for m in replaylog.unspool("dnative", 0)][1] == ["converted"]
 
 
-def test_native_helpers_reject_what_json_rejects() -> None:
-    for bad in (float("nan"), float("inf"), -float("inf"), [1, {"x": float("nan")}]):
-        with pytest.raises(ValueError):
+def test_the_native_encoder_refuses_nan_and_infinities_that_json_dumps_writes() -> None:
+    # Browsers' JSON.parse rejects NaN and Infinity: json.dumps writes them, we refuse them.
+    for bad, written in [
+        (float("nan"), "NaN"),
+        (float("inf"), "Infinity"),
+        (-float("inf"), "-Infinity"),
+        ([1, {"x": float("nan")}], '[1, {"x": NaN}]'),
+    ]:
+        assert json.dumps(bad) == written
+        with pytest.raises(ValueError, match="Out of range float values are not JSON compliant"):
             encode_json(bad)
+
+
+def test_the_native_helpers_refuse_what_json_refuses_and_read_what_json_loads_reads() -> None:
     with pytest.raises(TypeError, match="Widget"):
         encode_json({"w": Widget()})
     with pytest.raises(ValueError):
