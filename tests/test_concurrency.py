@@ -244,7 +244,7 @@ def test_a_fork_racing_the_first_calls_never_leaves_the_child_hung(
     assert rdb.zcard("replay:race") == 4 * 40
 
 
-FORK_SCRIPT = """
+INHERITED_SUBSCRIPTION_SCRIPT = """
 import json, os, time, replaylog
 log = replaylog.ReplayLog({url!r})
 sub = log.subscribe("f")
@@ -294,7 +294,7 @@ print(json.dumps({{"child": status, "parent": got}}), flush=True)
 def test_an_inherited_subscription_is_empty_in_the_child_and_intact_in_the_parent(
     replay_log: replaylog.ReplayLog, replaylog_url: str
 ) -> None:
-    proc = run_python(FORK_SCRIPT.format(url=replaylog_url), timeout=60)
+    proc = run_python(INHERITED_SUBSCRIPTION_SCRIPT.format(url=replaylog_url), timeout=60)
     result = last_json_line(proc)
     assert result["child"] == 0, f"child: {result['child']}\n{proc.stdout}\n{proc.stderr}"
     assert result["parent"] == ["pending", "parent-after"], proc.stdout
