@@ -1,5 +1,5 @@
 """Faults against dedicated redis-servers: unreachable, hung, restarted, OOM, READONLY, NOPERM,
-and passwords that must never leak."""
+WRONGTYPE, and passwords that must never leak."""
 
 from __future__ import annotations
 

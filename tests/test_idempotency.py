@@ -1,5 +1,6 @@
 """Idempotent retries: ``broadcast(..., idempotency_key=...)`` stores and publishes once within
-the window and returns the first timestamp; outside the window it is a new message."""
+the window and returns the first timestamp; outside the window it is a new message. Distinct
+(channel, key) pairs never share a Redis key."""
 
 from __future__ import annotations
 

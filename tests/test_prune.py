@@ -1,4 +1,5 @@
-"""prune_replay_logs: SCAN not KEYS, only old entries, only our keys, the configured expiry."""
+"""prune_replay_logs: SCAN not KEYS, only old entries, only our keys, the configured expiry, and a
+timeout per round trip, not for the whole walk."""
 
 from __future__ import annotations
 

@@ -2,7 +2,8 @@
 
 Issue 4's "done means": ``.complete`` is True on an intact log (``since=0`` included), and False
 after a prune past the cursor, a trim by ``max_len``, an expired key and ``FLUSHALL``; the
-bookkeeping of an idle channel expires, as ``TTL`` shows.
+bookkeeping of an idle channel expires, as ``TTL`` shows; bookkeeping it cannot read costs
+completeness, never the channel.
 """
 
 from __future__ import annotations

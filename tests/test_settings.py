@@ -1,5 +1,5 @@
 """Settings: explicit arguments, then Django settings, then the environment, then defaults; the
-default log is built lazily and nothing connects at import."""
+default log is built lazily and nothing connects at import; values past the caps are refused."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """``subscribe()``: missed messages first, then live ones, with no gap and no duplicate, in order
-per channel; across ``CLIENT KILL TYPE pubsub``; holes it cannot fill raise
-``IncompleteReplayError``, after which iteration goes on; closing releases the connection."""
+per channel; across ``CLIENT KILL TYPE pubsub``, a slow link, a Redis restart and a consumer Redis
+drops for its backlog; holes it cannot fill raise ``IncompleteReplayError``, after which iteration
+goes on; what others publish on the channel is skipped; closing releases the connection."""
 
 from __future__ import annotations
 
