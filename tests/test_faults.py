@@ -119,6 +119,8 @@ def test_the_same_log_works_again_after_a_redis_restart(
 
     dedicated_redis.restart()  # same port, empty dataset, empty script cache
 
+    # restart() can take less than the 100 ms after which a connection is checked before use
+    # (test_idle_calls), so the first call may still meet the old connection: at most once.
     ts, errors = first_success(lambda: log.broadcast("ch", "e", "after"))
     assert len(errors) <= 1, errors
     for exc in errors:
@@ -146,8 +148,9 @@ def test_calls_fail_while_redis_is_down_and_work_once_it_is_back(
         assert time.monotonic() - started < 2.5 + SLACK, name
         check_connection_error(info.value)
     dedicated_redis.start()
+    # The calls that failed left no connection behind: the next one connects afresh.
     ts, errors = first_success(lambda: log.broadcast("ch", "e", 2))
-    assert len(errors) <= 1, errors
+    assert errors == []
     assert [m["timestamp"] for m in log.unspool("ch", 0)] == [ts]
 
 
