@@ -313,6 +313,43 @@ def test_replay_rejects_a_non_string_epoch(replay_log: replaylog.ReplayLog) -> N
         replay_log.replay("epoch-type", 0, epoch=5)  # type: ignore[arg-type]
 
 
+# --------------------------------------------------------------------------- epochs
+
+
+def redis_now_us(client: redis.Redis) -> int:
+    seconds, micros = client.time()
+    return seconds * 1_000_000 + micros
+
+
+def test_a_history_s_epoch_is_the_redis_time_in_microseconds_when_it_began(
+    replay_log: replaylog.ReplayLog, rdb: redis.Redis
+) -> None:
+    before = redis_now_us(rdb)
+    first = replay_log.broadcast("epoch-time", "e", 1)
+    after = redis_now_us(rdb)
+    epoch = replay_log.replay("epoch-time", 0).epoch
+    assert isinstance(epoch, str)
+    assert before <= int(epoch) <= after
+    # Later broadcasts go on with the same history.
+    replay_log.broadcast("epoch-time", "e", 2)
+    assert replay_log.replay("epoch-time", first).epoch == epoch
+
+
+def test_bookkeeping_from_before_epochs_reads_with_its_base_as_the_epoch(
+    replay_log: replaylog.ReplayLog, rdb: redis.Redis
+) -> None:
+    first = replay_log.broadcast("old-meta", "e", 1)
+    base, top, fresh, _ = rdb.get("replaymeta:old-meta").decode().split(" ")
+    rdb.set("replaymeta:old-meta", f"{base} {top} {fresh}")  # "base top fresh", no epoch
+    r = replay_log.replay("old-meta", 0)
+    assert (r.epoch, r.complete) == (base, True)
+    # Broadcasts after the upgrade go on with that history: its clients stay complete.
+    second = replay_log.broadcast("old-meta", "e", 2)
+    r = replay_log.replay("old-meta", first, epoch=base)
+    assert (r.epoch, r.complete) == (base, True)
+    assert timestamps(r.messages) == [second]
+
+
 # --------------------------------------------------------------------------- legacy logs
 
 
