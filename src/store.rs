@@ -1,4 +1,7 @@
-//! The Redis operations: broadcast, unspool and prune, on the article's key layout.
+//! The Redis operations of one log: broadcast, replay, unspool, prune (all logs or one), delete
+//! and the command line's scan, on the article's key layout or its cluster variant (`Layout`).
+//! `Store::call` runs each within the log's timeouts and makes its errors Python's; unspool
+//! reads on the bulk connection (`bulk.rs`) when it can.
 
 use std::collections::HashSet;
 use std::future::Future;

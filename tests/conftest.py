@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import shutil
 import socket
 import subprocess
@@ -29,6 +30,8 @@ import replaylog
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 FAKETIME = shutil.which("faketime") or "/usr/bin/faketime"
 SENTINEL_CHANNEL = b"__replaylog_test_sentinel__"
+# How long Redis stays down in the restart tests: its clients notice and fail to reconnect.
+OUTAGE = 1.0
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -153,6 +156,35 @@ def last_json_line(proc: subprocess.CompletedProcess[str]) -> Any:
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
     assert lines, f"no output\nstderr:\n{proc.stderr}"
     return json.loads(lines[-1])
+
+
+def receive(sub: replaylog.Subscription, count: int, timeout: float = 20.0) -> list[dict[str, Any]]:
+    """Exactly ``count`` messages (fails after ``timeout``), then checks nothing else is ready."""
+    got: list[dict[str, Any]] = []
+    deadline = time.monotonic() + timeout
+    while len(got) < count:
+        remaining = deadline - time.monotonic()
+        assert remaining > 0, f"only {len(got)} of {count} messages came: {got[-3:]}"
+        message = sub.get(timeout=min(remaining, 1.0))
+        if message is not None:
+            got.append(message)
+    extra = sub.get(timeout=0.3)
+    assert extra is None, f"an unexpected extra message: {extra}"
+    return got
+
+
+def drain(sub: replaylog.Subscription, wait: float = 0.5) -> list[dict[str, Any]]:
+    """Everything ``sub`` delivers until nothing comes for ``wait`` seconds."""
+    got = []
+    while True:
+        message = sub.get(timeout=wait)
+        if message is None:
+            return got
+        got.append(message)
+
+
+def contents(messages: list[dict[str, Any]]) -> list[Any]:
+    return [m["content"] for m in messages]
 
 
 # --------------------------------------------------------------------------- dedicated servers
@@ -339,6 +371,110 @@ def blackhole_port() -> Iterator[int]:
     for filler in fillers:
         filler.close()
     listener.close()
+
+
+class LatencyProxy:
+    """A threaded TCP proxy to ``target_port`` that delays every chunk by ``delay`` seconds,
+    each way (so a round trip takes at least twice that). An end of stream on either side
+    is passed on (after the delay) by closing both sockets of that pair."""
+
+    def __init__(self, target_port: int, delay: float) -> None:
+        self.target_port = target_port
+        self.delay = delay
+        self.stopped = threading.Event()
+        self.sockets: list[socket.socket] = []
+        self.lock = threading.Lock()
+        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        port = free_port()
+        self.listener.bind(("127.0.0.1", port))
+        self.listener.listen(64)
+        self.listener.settimeout(0.1)
+        self.port = port
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def _accept(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                client, _ = self.listener.accept()
+            except (socket.timeout, OSError):
+                continue
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
+            except OSError:
+                client.close()
+                continue
+            upstream.settimeout(None)
+            client.settimeout(None)
+            for sock in (client, upstream):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with self.lock:
+                self.sockets += [client, upstream]
+            self._pipe(client, upstream)
+            self._pipe(upstream, client)
+
+    def _pipe(self, source: socket.socket, destination: socket.socket) -> None:
+        chunks: queue.Queue[tuple[float, bytes]] = queue.Queue()
+
+        def read() -> None:
+            while True:
+                try:
+                    data = source.recv(65536)
+                except OSError:
+                    data = b""
+                chunks.put((time.monotonic() + self.delay, data))
+                if not data:
+                    return
+
+        def write() -> None:
+            while True:
+                due, data = chunks.get()
+                pause = due - time.monotonic()
+                if pause > 0:
+                    time.sleep(pause)
+                try:
+                    if not data:
+                        raise OSError("end of stream")
+                    destination.sendall(data)
+                except OSError:
+                    for sock in (source, destination):
+                        try:
+                            sock.shutdown(socket.SHUT_RDWR)
+                        except OSError:
+                            pass
+                    return
+
+        threading.Thread(target=read, daemon=True).start()
+        threading.Thread(target=write, daemon=True).start()
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.listener.close()
+        with self.lock:
+            for sock in self.sockets:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                sock.close()
+
+
+@pytest.fixture
+def latency_proxy(replaylog_redis_proc: Any) -> Iterator[Any]:
+    """``latency_proxy(delay)``: a LatencyProxy to the session redis-server, closed afterwards."""
+    proxies: list[LatencyProxy] = []
+
+    def make(delay: float) -> LatencyProxy:
+        proxies.append(LatencyProxy(int(replaylog_redis_proc.port), delay))
+        return proxies[-1]
+
+    yield make
+    for proxy in proxies:
+        proxy.close()
 
 
 # --------------------------------------------------------------------------- session server

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import sys
+import threading
 import time
 from typing import Any
 
 import pytest
 import redis
-from test_regressions import LatencyProxy
+from conftest import LatencyProxy, contents
 
 import replaylog
 
@@ -252,6 +254,59 @@ def test_asubscribe_survives_client_kill(replay_log: replaylog.ReplayLog, rdb: r
     published, got = asyncio.run(main())
     assert stamps(got) == published
     assert [m["content"] for m in got] == list(range(total))
+
+
+# --------------------------------------------------------------------------- the I/O thread
+
+
+def test_the_sync_api_works_from_a_finalizer_on_the_io_thread(
+    replay_log: replaylog.ReplayLog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    replay_log.broadcast_many([("big", "e", {"i": i}) for i in range(10_000)])
+    unraisable: list[Any] = []
+    thread_errors: list[Any] = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    monkeypatch.setattr(threading, "excepthook", thread_errors.append)
+    main = threading.get_ident()
+    finalized: list[tuple[bool, int]] = []
+
+    class Bomb:
+        """Cyclic garbage whose finalizer uses the sync API."""
+
+        def __init__(self) -> None:
+            self.me = self
+
+        def __del__(self) -> None:
+            off_main = threading.get_ident() != main
+            finalized.append((off_main, replay_log.broadcast("fin", "e", off_main)))
+
+    async def convert_with_garbage_around() -> None:
+        # The garbage collector runs in whichever thread allocates past the threshold: here
+        # the I/O thread, turning 10,000 messages into dicts for the awaiting coroutine.
+        for _ in range(5):
+            gc.collect()
+            threshold = gc.get_threshold()
+            gc.set_threshold(2_000)
+            try:
+                bombs = [Bomb() for _ in range(5)]
+                del bombs
+                messages = await replay_log.aunspool("big", 0)
+            finally:
+                gc.set_threshold(*threshold)
+            assert len(messages) == 10_000
+            if any(off_main for off_main, _ in finalized):
+                return
+
+    asyncio.run(convert_with_garbage_around())
+    gc.collect()
+    panics = [u for u in unraisable if u.exc_type.__name__ == "PanicException"]
+    assert not panics, [str(u.exc_value) for u in panics]
+    assert not unraisable, [(u.exc_type, u.exc_value) for u in unraisable]
+    assert not thread_errors
+    assert any(off_main for off_main, _ in finalized), "no finalizer ran on the I/O thread"
+    stored = replay_log.unspool("fin")
+    assert [m["timestamp"] for m in stored] == [ts for _, ts in finalized]
+    assert True in contents(stored)
 
 
 # --------------------------------------------------------------------------- sync twins

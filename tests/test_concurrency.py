@@ -242,3 +242,59 @@ def test_a_fork_racing_the_first_calls_never_leaves_the_child_hung(
         outcomes.append(last_json_line(proc)["child"])
     assert outcomes == [0] * 40
     assert rdb.zcard("replay:race") == 4 * 40
+
+
+INHERITED_SUBSCRIPTION_SCRIPT = """
+import json, os, time, replaylog
+log = replaylog.ReplayLog({url!r})
+sub = log.subscribe("f")
+log.broadcast("f", "e", "x")
+assert sub.get(timeout=5)["content"] == "x"
+log.broadcast("f", "e", "pending")  # not read before the fork
+time.sleep(0.3)
+pid = os.fork()
+if pid == 0:
+    code = 1
+    try:
+        started = time.monotonic()
+        message = sub.get(timeout=0.1)
+        took_get = time.monotonic() - started
+        started = time.monotonic()
+        sub.close()
+        took_close = time.monotonic() - started
+        print(json.dumps({{"child_get": message, "took_get": took_get,
+                          "took_close": took_close}}), flush=True)
+        code = 0 if message is None and took_get < 2 and took_close < 2 else 3
+    finally:
+        os._exit(code)
+deadline = time.monotonic() + 10
+status = None
+while time.monotonic() < deadline:
+    done, raw = os.waitpid(pid, os.WNOHANG)
+    if done:
+        status = os.waitstatus_to_exitcode(raw)
+        break
+    time.sleep(0.02)
+else:
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    status = "hung"
+log.broadcast("f", "e", "parent-after")
+got = []
+while True:
+    message = sub.get(timeout=1)
+    if message is None:
+        break
+    got.append(message["content"])
+sub.close()
+print(json.dumps({{"child": status, "parent": got}}), flush=True)
+"""
+
+
+def test_an_inherited_subscription_is_empty_in_the_child_and_intact_in_the_parent(
+    replay_log: replaylog.ReplayLog, replaylog_url: str
+) -> None:
+    proc = run_python(INHERITED_SUBSCRIPTION_SCRIPT.format(url=replaylog_url), timeout=60)
+    result = last_json_line(proc)
+    assert result["child"] == 0, f"child: {result['child']}\n{proc.stdout}\n{proc.stderr}"
+    assert result["parent"] == ["pending", "parent-after"], proc.stdout

@@ -1,5 +1,5 @@
 """Faults against dedicated redis-servers: unreachable, hung, restarted, OOM, READONLY, NOPERM,
-and passwords that must never leak."""
+WRONGTYPE, and passwords that must never leak."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from typing import Any, Callable
 
 import pytest
+import redis
 from conftest import (
     PublishWatcher,
     RedisServer,
@@ -118,6 +119,8 @@ def test_the_same_log_works_again_after_a_redis_restart(
 
     dedicated_redis.restart()  # same port, empty dataset, empty script cache
 
+    # restart() can take less than the 100 ms after which a connection is checked before use
+    # (test_idle_calls), so the first call may still meet the old connection: at most once.
     ts, errors = first_success(lambda: log.broadcast("ch", "e", "after"))
     assert len(errors) <= 1, errors
     for exc in errors:
@@ -145,8 +148,9 @@ def test_calls_fail_while_redis_is_down_and_work_once_it_is_back(
         assert time.monotonic() - started < 2.5 + SLACK, name
         check_connection_error(info.value)
     dedicated_redis.start()
+    # The calls that failed left no connection behind: the next one connects afresh.
     ts, errors = first_success(lambda: log.broadcast("ch", "e", 2))
-    assert len(errors) <= 1, errors
+    assert errors == []
     assert [m["timestamp"] for m in log.unspool("ch", 0)] == [ts]
 
 
@@ -177,7 +181,7 @@ def test_out_of_memory_raises_and_writes_nothing(dedicated_redis: RedisServer) -
     assert isinstance(info.value, replaylog.RedisRefusedError)
     assert isinstance(info.value, replaylog.ReplayLogError)
     assert info.value.code == "OOM"
-    assert "memory" in str(info.value).lower() or "OOM" in str(info.value)
+    assert "\"OOM\": command not allowed when used memory > 'maxmemory'" in str(info.value)
     with pytest.raises(replaylog.OutOfMemoryError):
         log.broadcast("fresh-channel", "e", 1)
     with pytest.raises(replaylog.OutOfMemoryError):
@@ -316,3 +320,18 @@ def test_malformed_url_error_hides_the_password(clean_default: pytest.MonkeyPatc
     with pytest.raises(replaylog.ConfigurationError) as info:
         replaylog.broadcast("ch", "e", 1)
     assert_secret_hidden(info.value, "leaky-pw")
+
+
+def test_a_refusal_carries_redis_s_error_code_and_writes_nothing(
+    replay_log: replaylog.ReplayLog, rdb: redis.Redis, watcher: PublishWatcher
+) -> None:
+    rdb.set("replay:wt", "a plain string")
+    with pytest.raises(replaylog.RedisRefusedError) as refused:
+        replay_log.broadcast("wt", "e", 1)
+    assert refused.value.code == "WRONGTYPE"
+    assert "WRONGTYPE" in str(refused.value)
+    assert watcher.published() == []
+    assert rdb.get("replay:wt") == b"a plain string"
+    assert rdb.exists("replaymeta:wt") == 0
+    # A class-level code stays for the subclasses.
+    assert replaylog.OutOfMemoryError.code == "OOM"

@@ -1,5 +1,6 @@
 """Idempotent retries: ``broadcast(..., idempotency_key=...)`` stores and publishes once within
-the window and returns the first timestamp; outside the window it is a new message."""
+the window and returns the first timestamp; outside the window it is a new message. Distinct
+(channel, key) pairs never share a Redis key."""
 
 from __future__ import annotations
 
@@ -7,9 +8,12 @@ import asyncio
 import json
 import threading
 import time
+from typing import Any
 
 import redis
-from conftest import PublishWatcher
+from conftest import PublishWatcher, contents
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import replaylog
 
@@ -141,3 +145,74 @@ def test_module_level_and_async_retries_are_idempotent_too(
     assert asyncio.run(replay_log.abroadcast("aio-retry", "e", 1, idempotency_key="k")) == first
     assert rdb.zcard("replay:aio-retry") == 1
     assert len(published_on(watcher, "aio-retry")) == 1
+
+
+def old_layout_twins(channel: str, key: str) -> list[tuple[str, str]]:
+    """Other (channel, key) pairs the old layout, ``<channel>:<len>:<key>``, mapped to the
+    same Redis key as this one."""
+    name = f"{channel}:{len(channel)}:{key}"
+    twins = []
+    for cut in range(len(name) + 1):
+        marker = f":{cut}:"
+        if name[cut:].startswith(marker):
+            twin = (name[:cut], name[cut + len(marker) :])
+            if twin != (channel, key):
+                twins.append(twin)
+    return twins
+
+
+def test_pairs_the_old_key_layout_confused_are_two_messages(
+    replay_log: replaylog.ReplayLog, rdb: redis.Redis
+) -> None:
+    assert ("a:1:", "z") in old_layout_twins("a", ":4:z")
+    first = replay_log.broadcast("a", "e", 1, idempotency_key=":4:z")
+    second = replay_log.broadcast("a:1:", "e", 2, idempotency_key="z")
+    # Two messages (timestamps are per channel, so they may be equal).
+    assert contents(replay_log.unspool("a")) == [1]
+    assert contents(replay_log.unspool("a:1:")) == [2]
+    assert replay_log.unspool("a:1:")[0]["timestamp"] == second
+    assert len(rdb.keys("replayonce:*")) == 2
+    # A retry of either is still recognised.
+    assert replay_log.broadcast("a", "e", 1, idempotency_key=":4:z") == first
+    assert replay_log.broadcast("a:1:", "e", 2, idempotency_key="z") == second
+
+
+def test_pairs_the_old_key_layout_confused_are_two_messages_with_cluster_keys(
+    replay_log: replaylog.ReplayLog, replaylog_url: str, rdb: redis.Redis
+) -> None:
+    log = replaylog.ReplayLog(replaylog_url, cluster_keys=True)
+    log.broadcast("a", "e", 1, idempotency_key=":4:z")
+    log.broadcast("a:1:", "e", 2, idempotency_key="z")
+    assert contents(log.unspool("a")) == [1]
+    assert contents(log.unspool("a:1:")) == [2]
+    assert len(rdb.keys("replayonce:*")) == 2
+
+
+names = st.text(alphabet="a:1{}4", min_size=1, max_size=6)
+
+
+@st.composite
+def pairs_with_twins(draw: Any) -> list[tuple[str, str]]:
+    pairs = draw(st.lists(st.tuples(names, names), min_size=1, max_size=6))
+    for channel, key in list(pairs):
+        pairs.extend(old_layout_twins(channel, key))
+    return list(dict.fromkeys(pairs))
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(pairs=pairs_with_twins())
+def test_distinct_channel_key_pairs_get_distinct_idempotency_keys(
+    replay_log: replaylog.ReplayLog, rdb: redis.Redis, pairs: list[tuple[str, str]]
+) -> None:
+    rdb.flushall()
+    for index, (channel, key) in enumerate(pairs):
+        replay_log.broadcast(channel, "e", index, idempotency_key=key)
+    assert len(rdb.keys("replayonce:*")) == len(pairs)
+    stored = sorted(
+        m["content"] for channel in {c for c, _ in pairs} for m in replay_log.unspool(channel)
+    )
+    assert stored == list(range(len(pairs)))

@@ -4,10 +4,13 @@ after a restart or a CLIENT KILL still succeeds (issue 15)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
+import pytest
 import redis
+from conftest import OUTAGE, RedisServer, contents
 
 import replaylog
 
@@ -70,3 +73,33 @@ def test_the_call_after_a_redis_restart_succeeds(dedicated_redis: Any) -> None:
             assert [m["timestamp"] for m in log.unspool("restarted", 0)] == [stamp]
     finally:
         log.close()
+
+
+@pytest.mark.parametrize("outage", [0.0, OUTAGE], ids=["quick", "down-1s"])
+@pytest.mark.parametrize("flavor", ["sync", "async"])
+def test_the_first_call_after_a_restart_succeeds_sync_or_async_whatever_the_outage(
+    dedicated_redis: RedisServer, flavor: str, outage: float
+) -> None:
+    """README: "After a Redis restart the same objects work again". Redis is back (it answers
+    PING) before the call, so nothing should fail."""
+    log = replaylog.ReplayLog(dedicated_redis.url)
+
+    def call(content: int) -> int:
+        if flavor == "sync":
+            return log.broadcast("r", "e", content)
+        return asyncio.run(log.abroadcast("r", "e", content))
+
+    call(0)
+    dedicated_redis.stop()
+    time.sleep(outage)
+    dedicated_redis.start()
+    time.sleep(0.3)
+    outcomes = []
+    for content in (1, 2):
+        try:
+            call(content)
+            outcomes.append("ok")
+        except replaylog.ConnectionError as error:
+            outcomes.append(f"{type(error).__name__}: {error}")
+    assert outcomes == ["ok", "ok"]
+    assert contents(log.unspool("r")) == [1, 2]

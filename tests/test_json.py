@@ -9,7 +9,7 @@ import enum
 import json
 import math
 import uuid
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 import redis
@@ -268,10 +268,20 @@ def test_default_is_not_called_for_native_types(rdb: redis.Redis) -> None:
     assert [m["content"] for m in replaylog.unspool("dnative", 0)][1] == ["converted"]
 
 
-def test_native_helpers_reject_what_json_rejects() -> None:
-    for bad in (float("nan"), float("inf"), -float("inf"), [1, {"x": float("nan")}]):
-        with pytest.raises(ValueError):
+def test_the_native_encoder_refuses_nan_and_infinities_that_json_dumps_writes() -> None:
+    # Browsers' JSON.parse rejects NaN and Infinity: json.dumps writes them, we refuse them.
+    for bad, written in [
+        (float("nan"), "NaN"),
+        (float("inf"), "Infinity"),
+        (-float("inf"), "-Infinity"),
+        ([1, {"x": float("nan")}], '[1, {"x": NaN}]'),
+    ]:
+        assert json.dumps(bad) == written
+        with pytest.raises(ValueError, match="Out of range float values are not JSON compliant"):
             encode_json(bad)
+
+
+def test_the_native_helpers_refuse_what_json_refuses_and_read_what_json_loads_reads() -> None:
     with pytest.raises(TypeError, match="Widget"):
         encode_json({"w": Widget()})
     with pytest.raises(ValueError):
@@ -288,3 +298,114 @@ def test_native_helpers_reject_what_json_rejects() -> None:
 
 class Widget:
     pass
+
+
+class HidesSecret(dict):  # type: ignore[type-arg]
+    def items(self) -> Any:
+        return [(k, v) for k, v in super().items() if k != "secret"]
+
+
+class Reversed(dict):  # type: ignore[type-arg]
+    def items(self) -> Any:
+        return list(super().items())[::-1]
+
+
+def stored_content_pairs(replay_log: replaylog.ReplayLog, channel: str) -> Any:
+    [raw] = replay_log.unspool(channel, raw=True)
+    return json.loads(raw, object_pairs_hook=list)[1][1]  # ("content", <pairs>)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        HidesSecret(a=1, secret="s3cret", b={"n": HidesSecret(secret=1, x=2)}),
+        [HidesSecret(secret=True)],
+        {"outer": HidesSecret(keep=1, secret=2)},
+        Reversed(a=1, b=2, c=3),
+    ],
+    ids=["hidden-key", "in-list", "in-dict", "reordered"],
+)
+def test_dict_subclasses_are_encoded_through_items_like_json_dumps(
+    replay_log: replaylog.ReplayLog, content: Any
+) -> None:
+    replay_log.broadcast("sub", "e", content)
+    [message] = replay_log.unspool("sub")
+    assert message["content"] == json.loads(json.dumps(content))
+    assert "s3cret" not in replay_log.unspool("sub", raw=True)[0]
+    expected_pairs = json.loads(json.dumps(content), object_pairs_hook=list)
+    assert stored_content_pairs(replay_log, "sub") == expected_pairs
+
+
+def test_an_ordered_dict_after_move_to_end_keeps_json_dumps_order(
+    replay_log: replaylog.ReplayLog,
+) -> None:
+    ordered = collections.OrderedDict(a=1, b=2, c=3, d=4)
+    ordered.move_to_end("a")
+    ordered.move_to_end("c", last=False)
+    nested = collections.OrderedDict(x=1, y=2)
+    nested.move_to_end("x")
+    ordered["d"] = nested
+    assert list(ordered) != list(dict.__iter__(ordered))  # the dict's own order differs
+    replay_log.broadcast("od", "e", ordered)
+    pairs = stored_content_pairs(replay_log, "od")
+    assert pairs == json.loads(json.dumps(ordered), object_pairs_hook=list)
+    assert [key for key, _ in pairs] == ["c", "b", "d", "a"]
+    assert pairs[2][1] == [("y", 2), ("x", 1)]
+
+
+def is_panic(error: BaseException) -> bool:
+    return type(error).__name__ == "PanicException"
+
+
+class Opaque:
+    """Something only ``default`` can encode."""
+
+
+def grow(target: dict[str, Any]) -> Callable[[Any], Any]:
+    def default(value: Any) -> Any:
+        target[f"added-{len(target)}"] = 1
+        return "encoded"
+
+    return default
+
+
+def shrink(target: dict[str, Any]) -> Callable[[Any], Any]:
+    def default(value: Any) -> Any:
+        target.pop("z", None)
+        return "encoded"
+
+    return default
+
+
+@pytest.mark.parametrize("mutation", [grow, shrink], ids=["grow", "shrink"])
+@pytest.mark.parametrize("nested", [False, True], ids=["top", "nested"])
+@pytest.mark.parametrize("many", [False, True], ids=["broadcast", "broadcast_many"])
+def test_a_default_that_mutates_the_dict_being_written_gets_its_items_as_they_were(
+    replay_log: replaylog.ReplayLog,
+    mutation: Callable[[dict[str, Any]], Callable[[Any], Any]],
+    nested: bool,
+    many: bool,
+) -> None:
+    """A ``default`` that changes the dict being written: no PanicException (a BaseException
+    that ``except Exception`` misses), and the dict's items as they were when its writing
+    began, as ``json.dumps`` gives them before Python 3.12 (later ones write the items they
+    find as they go)."""
+
+    def make() -> tuple[dict[str, Any], Any]:
+        target: dict[str, Any] = {"a": Opaque(), "b": 1, "z": 2}
+        return target, ({"outer": [target]} if nested else target)
+
+    _, unchanged = make()
+    expected = json.loads(json.dumps(unchanged, default=lambda value: "encoded"))
+    target, content = make()
+    try:
+        if many:
+            replay_log.broadcast_many(
+                [("m", "e", 1), ("m", "e", content)], default=mutation(target)
+            )
+        else:
+            replay_log.broadcast("m", "e", content, default=mutation(target))
+    except BaseException as error:
+        assert not is_panic(error), f"a PanicException escaped: {error!r}"
+        raise
+    assert replay_log.unspool("m")[-1]["content"] == expected

@@ -6,8 +6,15 @@ from __future__ import annotations
 import json
 import time
 
+import pytest
 import redis
-from conftest import PublishWatcher, article_broadcast, redis_now_ms, stored_members
+from conftest import (
+    PublishWatcher,
+    article_broadcast,
+    contents,
+    redis_now_ms,
+    stored_members,
+)
 
 import replaylog
 
@@ -183,3 +190,19 @@ def test_five_megabyte_content_round_trips(rdb: redis.Redis) -> None:
     (got,) = replaylog.unspool("big", 0)
     assert got["content"] == content
     assert got["timestamp"] == ts
+
+
+@pytest.mark.parametrize("ahead_ms", [None, 10_000], ids=["1234.5", "future"])
+def test_broadcasts_after_a_fractional_legacy_score_get_integer_timestamps_above_it(
+    replay_log: replaylog.ReplayLog, rdb: redis.Redis, ahead_ms: int | None
+) -> None:
+    score = 1234.5 if ahead_ms is None else redis_now_ms(rdb) + ahead_ms + 0.5
+    legacy = json.dumps({"event_name": "e", "content": "legacy", "timestamp": score})
+    rdb.zadd("replay:frac", {legacy: score})
+    stamps = [replay_log.broadcast("frac", "e", i) for i in range(3)]
+    assert all(isinstance(t, int) for t in stamps)
+    assert score < stamps[0] < stamps[1] < stamps[2]
+    result = replay_log.replay("frac", since=stamps[0])
+    assert result.complete is True
+    assert contents(result.messages) == [1, 2]
+    assert contents(replay_log.unspool("frac", since=score)) == [0, 1, 2]

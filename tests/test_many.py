@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+from typing import Any
 
 import pytest
 import redis
@@ -67,15 +68,15 @@ def test_one_bad_item_raises_and_writes_or_publishes_nothing(
     replay_log.broadcast("keep", "e", 0)
     before = snapshot(rdb)
     watcher.published()
-    bad_batches = [
-        [("ok", "e", 1), ("ok", "e", float("nan"))],
-        [("ok", "e", 1), ("ok", "e", object())],
-        [("ok", "e", 1), ("ok", 5, 1)],
-        [("ok", "e", 1), ("ok", "e")],
-        [("ok", "e", 1), "not a tuple"],
+    bad_batches: list[tuple[list[Any], type[Exception], str]] = [
+        ([("ok", "e", 1), ("ok", "e", float("nan"))], ValueError, "NaN"),
+        ([("ok", "e", 1), ("ok", "e", object())], TypeError, "not JSON serializable"),
+        ([("ok", "e", 1), ("ok", 5, 1)], TypeError, "event_name must be str"),
+        ([("ok", "e", 1), ("ok", "e")], TypeError, "got 2 items"),
+        ([("ok", "e", 1), "not a tuple"], TypeError, "not str"),
     ]
-    for batch in bad_batches:
-        with pytest.raises((TypeError, ValueError)):
+    for batch, error, text in bad_batches:
+        with pytest.raises(error, match=f"^broadcast_many item 1: .*{text}"):
             replay_log.broadcast_many(batch)
     assert snapshot(rdb) == before
     assert watcher.published() == []

@@ -69,7 +69,7 @@ def test_whatever_the_writer_accepts_every_reader_reads(
 def test_one_level_more_is_refused_and_writes_nothing(
     replay_log: replaylog.ReplayLog, rdb: redis.Redis
 ) -> None:
-    with pytest.raises((ValueError, RecursionError)):
+    with pytest.raises(RecursionError, match="nested deeper than 1000 levels"):
         replay_log.broadcast("deep", "e", nested(1001))
     assert rdb.exists("replay:deep") == 0
 
@@ -201,6 +201,28 @@ def test_the_byte_bound_and_the_replay_limit_come_from_the_environment(
     monkeypatch.setenv("REPLAYLOG_REPLAY_LIMIT", " 25 ")
     log = replaylog.ReplayLog()
     assert (log.subscription_buffer_bytes, log.replay_limit) == (4096, 25)
+
+
+def test_an_unread_subscription_holds_at_most_10000_messages_and_leaves_the_rest_in_the_log(
+    replay_log: Any,
+) -> None:
+    """An unread subscription holds at most 10,000 messages (and its byte bound): the rest of
+    the backlog is left in the log, read from there once the consumer catches up."""
+    log = replay_log
+    with log.subscribe("slow", since=log.broadcast("slow", "e", -1)) as sub:
+        stamps = []
+        for start in range(0, 30_000, 5_000):
+            stamps += log.broadcast_many(
+                [("slow", "e", [i, "x" * 100]) for i in range(start, start + 5_000)]
+            )
+        one_message = len(log.unspool("slow", stamps[-2], raw=True)[0])
+        deadline = time.monotonic() + 10
+        while sub.queued_bytes < 10_000 * one_message * 0.9 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.2)  # the rest of the backlog has reached the process by now
+        assert 0.9 * 10_000 * one_message <= sub.queued_bytes <= 10_000 * one_message
+        got = [sub.get(timeout=10) for _ in range(30_000)]
+        assert [m["timestamp"] for m in got if m] == stamps
 
 
 # --------------------------------------------------------------------------- 4. bounded replays

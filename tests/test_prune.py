@@ -1,10 +1,12 @@
-"""prune_replay_logs: SCAN not KEYS, only old entries, only our keys, the configured expiry."""
+"""prune_replay_logs: SCAN not KEYS, only old entries, only our keys, the configured expiry, and a
+timeout per round trip, not for the whole walk."""
 
 from __future__ import annotations
 
 import json
 import textwrap
 import time
+from typing import Any
 
 import pytest
 import redis
@@ -184,3 +186,43 @@ def test_prune_cutoff_comes_from_the_redis_clock(rdb: redis.Redis, replaylog_url
     assert out["client_ms"] > now + HOUR, "faketime did not skew the child's clock"
     assert out["removed"] == 1
     assert [m["timestamp"] for m in replaylog.unspool("fastclock", 0)] == stamps
+
+
+def test_a_prune_outlasting_the_call_timeouts_completes(
+    replay_log: replaylog.ReplayLog, rdb: redis.Redis, latency_proxy: Any
+) -> None:
+    logs = 30_000
+    now = redis_now_ms(rdb)
+    rdb.eval(
+        """
+        for i = 1, tonumber(ARGV[1]) do
+            redis.call('ZADD', 'replay:p' .. i, ARGV[2], 'old' .. i, ARGV[3], 'new' .. i)
+        end
+        """,
+        0,
+        logs,
+        now - 2 * 3_600_000,
+        now,
+    )
+    # 20 ms each way: each request well within 0.2 s, the whole prune well beyond it.
+    short_rtt_proxy = latency_proxy(0.02)
+    log = replaylog.ReplayLog(short_rtt_proxy.url, connect_timeout=0.2, response_timeout=0.2)
+    started = time.monotonic()
+    removed = log.prune_replay_logs(expire_ms=3_600_000)
+    took = time.monotonic() - started
+    assert removed == logs
+    # The walk takes ~30 round trips: far longer than one connect plus one response timeout.
+    assert took > 0.5, f"the prune took {took:.2f}s: too fast to tell an overall timeout apart"
+    remaining = rdb.eval(
+        """
+        local n, old = 0, 0
+        for i = 1, tonumber(ARGV[1]) do
+            n = n + redis.call('ZCARD', 'replay:p' .. i)
+            if redis.call('ZSCORE', 'replay:p' .. i, 'old' .. i) then old = old + 1 end
+        end
+        return {n, old}
+        """,
+        0,
+        logs,
+    )
+    assert remaining == [logs, 0]

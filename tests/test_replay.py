@@ -2,7 +2,8 @@
 
 Issue 4's "done means": ``.complete`` is True on an intact log (``since=0`` included), and False
 after a prune past the cursor, a trim by ``max_len``, an expired key and ``FLUSHALL``; the
-bookkeeping of an idle channel expires, as ``TTL`` shows.
+bookkeeping of an idle channel expires, as ``TTL`` shows; bookkeeping it cannot read costs
+completeness, never the channel.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 
 import pytest
 import redis
-from conftest import article_broadcast
+from conftest import article_broadcast, contents, receive, redis_now_ms
 
 import replaylog
 
@@ -312,6 +313,43 @@ def test_replay_rejects_a_non_string_epoch(replay_log: replaylog.ReplayLog) -> N
         replay_log.replay("epoch-type", 0, epoch=5)  # type: ignore[arg-type]
 
 
+# --------------------------------------------------------------------------- epochs
+
+
+def redis_now_us(client: redis.Redis) -> int:
+    seconds, micros = client.time()
+    return seconds * 1_000_000 + micros
+
+
+def test_a_history_s_epoch_is_the_redis_time_in_microseconds_when_it_began(
+    replay_log: replaylog.ReplayLog, rdb: redis.Redis
+) -> None:
+    before = redis_now_us(rdb)
+    first = replay_log.broadcast("epoch-time", "e", 1)
+    after = redis_now_us(rdb)
+    epoch = replay_log.replay("epoch-time", 0).epoch
+    assert isinstance(epoch, str)
+    assert before <= int(epoch) <= after
+    # Later broadcasts go on with the same history.
+    replay_log.broadcast("epoch-time", "e", 2)
+    assert replay_log.replay("epoch-time", first).epoch == epoch
+
+
+def test_bookkeeping_from_before_epochs_reads_with_its_base_as_the_epoch(
+    replay_log: replaylog.ReplayLog, rdb: redis.Redis
+) -> None:
+    first = replay_log.broadcast("old-meta", "e", 1)
+    base, top, fresh, _ = rdb.get("replaymeta:old-meta").decode().split(" ")
+    rdb.set("replaymeta:old-meta", f"{base} {top} {fresh}")  # "base top fresh", no epoch
+    r = replay_log.replay("old-meta", 0)
+    assert (r.epoch, r.complete) == (base, True)
+    # Broadcasts after the upgrade go on with that history: its clients stay complete.
+    second = replay_log.broadcast("old-meta", "e", 2)
+    r = replay_log.replay("old-meta", first, epoch=base)
+    assert (r.epoch, r.complete) == (base, True)
+    assert timestamps(r.messages) == [second]
+
+
 # --------------------------------------------------------------------------- legacy logs
 
 
@@ -330,7 +368,7 @@ def test_legacy_log_is_incomplete_but_unspool_still_reads_it(
         r = replay_log.replay("legacy", since)
         assert r.complete is False, since
         assert timestamps(r.messages) == [t for t in stamps if t > since]
-        assert r.epoch is None or r.epoch == ""
+        assert r.epoch is None  # no bookkeeping: no history to name
 
     # Once replaylog writes to it, the log vouches for what follows its newest entry.
     ts = replay_log.broadcast("legacy", "new", {"i": 3})
@@ -339,3 +377,54 @@ def test_legacy_log_is_incomplete_but_unspool_still_reads_it(
     assert r.complete is True
     assert timestamps(r.messages) == [ts]
     assert replay_log.replay("legacy", stamps[0]).complete is False
+
+
+def test_a_trim_past_the_cursor_after_a_legacy_entry_is_incomplete(
+    replaylog_url: str, replay_log: replaylog.ReplayLog, rdb: redis.Redis
+) -> None:
+    log = replaylog.ReplayLog(replaylog_url, max_len=2)
+    t1 = log.broadcast("c", "e", 1)
+    t2 = log.broadcast("c", "e", 2)
+    # The article's code, in a rolling deploy, writes one entry with its own (app) clock.
+    legacy_ts = t2 + 5
+    legacy = json.dumps({"event_name": "e", "content": "legacy", "timestamp": legacy_ts})
+    rdb.zadd("replay:c", {legacy: legacy_ts})
+    while redis_now_ms(rdb) <= legacy_ts + 1:
+        time.sleep(0.005)
+    t3 = log.broadcast("c", "e", 3)  # max_len=2 trims t1 and t2
+    assert t3 > legacy_ts
+    assert [int(s) for _, s in rdb.zrange("replay:c", 0, -1, withscores=True)] == [legacy_ts, t3]
+
+    result = log.replay("c", since=t1)  # t2 came after the cursor, and it is gone
+    assert result.complete is False
+    assert contents(result.messages) == ["legacy", 3]
+    # From the legacy entry on, the chain is intact.
+    assert log.replay("c", since=legacy_ts).complete is True
+    # And a subscription from t1 reports the hole.
+    with log.subscribe("c", since=t1) as sub:
+        with pytest.raises(replaylog.IncompleteReplayError):
+            sub.get(timeout=5)
+
+
+# --------------------------------------------------------------------------- malformed bookkeeping
+
+
+def test_malformed_bookkeeping_is_incomplete_until_broadcasts_vouch_again(
+    replay_log: replaylog.ReplayLog, rdb: redis.Redis
+) -> None:
+    rdb.set("replaymeta:bad", "garbage")
+    before = replay_log.replay("bad", since=5)
+    assert before.complete is False
+    assert before.messages == []
+
+    t1 = replay_log.broadcast("bad", "e", 1)
+    assert replay_log.replay("bad", since=t1 - 1).complete is False  # nothing vouches for it
+    t2 = replay_log.broadcast("bad", "e", 2)
+    assert t2 > t1
+    after = replay_log.replay("bad", since=t1)
+    assert after.complete is True
+    assert contents(after.messages) == [2]
+    with replay_log.subscribe("bad", since=t2) as sub:
+        t3 = replay_log.broadcast("bad", "e", 3)
+        [message] = receive(sub, 1, timeout=10)
+    assert message["timestamp"] == t3

@@ -1,5 +1,5 @@
 """Settings: explicit arguments, then Django settings, then the environment, then defaults; the
-default log is built lazily and nothing connects at import."""
+default log is built lazily and nothing connects at import; values past the caps are refused."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import redis
-from conftest import RedisServer, last_json_line, run_python
+from conftest import RedisServer, contents, last_json_line, run_python
 
 import replaylog
 
@@ -208,3 +208,52 @@ def test_nothing_connects_at_import_or_construction(dedicated_redis: RedisServer
     assert connections() > baseline
     assert client.zrange("replay:lazy", 0, -1, withscores=True)[0][1] == ts
     client.close()
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        {"expire_ms": 10**17},
+        {"idempotency_window_ms": sys.maxsize},
+        {"max_len": 10**20},
+        {"expire_ms": str(10**17)},
+        {"expire_ms": 1e17},
+    ],
+    ids=["expire_ms", "idempotency_window_ms", "max_len", "expire_ms-str", "expire_ms-float"],
+)
+def test_settings_beyond_the_caps_are_refused(
+    replaylog_url: str, replay_log: replaylog.ReplayLog, rdb: redis.Redis, setting: Any
+) -> None:
+    with pytest.raises(replaylog.ConfigurationError):
+        replaylog.ReplayLog(replaylog_url, **setting)
+    assert rdb.dbsize() == 0
+
+
+@pytest.mark.parametrize(
+    "variable",
+    ["EXPIRE_REPLAY_LOGS_MS", "REPLAYLOG_IDEMPOTENCY_WINDOW_MS", "REPLAYLOG_MAX_LEN"],
+)
+def test_settings_beyond_the_caps_from_the_environment_are_refused(
+    replaylog_url: str,
+    replay_log: replaylog.ReplayLog,
+    rdb: redis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+    variable: str,
+) -> None:
+    monkeypatch.setenv(variable, str(10**17))
+    with pytest.raises(replaylog.ConfigurationError):
+        replaylog.ReplayLog(replaylog_url).broadcast("x", "e", 1)
+    assert rdb.dbsize() == 0
+
+
+def test_settings_at_the_caps_are_accepted_and_applied(
+    replaylog_url: str, replay_log: replaylog.ReplayLog, rdb: redis.Redis
+) -> None:
+    cap = 10**13
+    log = replaylog.ReplayLog(replaylog_url, expire_ms=cap, idempotency_window_ms=cap, max_len=cap)
+    t1 = log.broadcast("capped", "e", 1, idempotency_key="k")
+    assert log.broadcast("capped", "e", 1, idempotency_key="k") == t1
+    assert 0 < rdb.pttl("replay:capped") <= cap
+    assert cap < rdb.pttl("replaymeta:capped") <= 2 * cap
+    assert 0 < rdb.pttl("replayonce:6:capped:k") <= cap
+    assert contents(log.unspool("capped")) == [1]

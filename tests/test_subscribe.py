@@ -1,10 +1,13 @@
 """``subscribe()``: missed messages first, then live ones, with no gap and no duplicate, in order
-per channel; across ``CLIENT KILL TYPE pubsub``; holes it cannot fill raise
-``IncompleteReplayError``, after which iteration goes on; closing releases the connection."""
+per channel; across ``CLIENT KILL TYPE pubsub``, a slow link, a Redis restart and a consumer Redis
+drops for its backlog; holes it cannot fill raise ``IncompleteReplayError``, after which iteration
+goes on; what others publish on the channel is skipped; closing releases the connection."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
+import json
 import threading
 import time
 from collections.abc import Iterable
@@ -12,6 +15,7 @@ from typing import Any, Callable
 
 import pytest
 import redis
+from conftest import OUTAGE, RedisServer, contents, drain, receive, redis_now_ms
 
 import replaylog
 
@@ -227,6 +231,27 @@ def test_since_naming_an_unsubscribed_channel_is_refused(replay_log: replaylog.R
         replay_log.subscribe("a", since=object())  # type: ignore[arg-type]
 
 
+def test_a_channel_named_twice_delivers_each_message_once(
+    replay_log: replaylog.ReplayLog,
+) -> None:
+    t0 = replay_log.broadcast("a", "e", "cursor")
+    missed = [replay_log.broadcast("a", "e", i) for i in range(3)]
+    with replay_log.subscribe(["a", "a"], since=t0) as sub:
+        assert sub.channels == ["a"]
+        live = replay_log.broadcast("a", "e", "live")
+        got = drain(sub)
+    assert [m["timestamp"] for m in got] == [*missed, live]
+
+
+def test_a_channel_named_twice_from_now_delivers_each_message_once(
+    replay_log: replaylog.ReplayLog,
+) -> None:
+    with replay_log.subscribe(["a", "b", "a"]) as sub:
+        stamps = [replay_log.broadcast(c, "e", i) for i, c in enumerate("aba")]
+        got = drain(sub)
+    assert sorted(m["timestamp"] for m in got) == sorted(stamps)
+
+
 # --------------------------------------------------------------------------- reconnects
 
 
@@ -280,6 +305,191 @@ def test_client_kill_while_idle_then_messages_arrive(
             ts = [replay_log.broadcast("idle-kill", "e", (round_, i)) for i in range(3)]
             got = receive_until(sub, {"idle-kill": ts[-1]})
             assert stamps(got) == ts
+
+
+def test_a_catch_up_slower_than_the_wait_slice_loses_nothing(
+    replay_log: replaylog.ReplayLog, rdb: redis.Redis, latency_proxy: Any
+) -> None:
+    """Every round trip through the proxy takes ~160 ms, longer than the 100 ms slice in
+    which ``get`` waits; the catch-up after a reconnect must not be cut short each slice."""
+    slow_proxy = latency_proxy(0.08)  # a 160 ms round trip
+    slow = replaylog.ReplayLog(slow_proxy.url, connect_timeout=5, response_timeout=10)
+    t0 = replay_log.broadcast("room", "e", "start")
+    with slow.subscribe("room", since=t0) as sub:
+        replay_log.broadcast("room", "e", "live")
+        assert contents(receive(sub, 1, timeout=10)) == ["live"]
+
+        assert rdb.execute_command("CLIENT", "KILL", "TYPE", "pubsub") >= 1
+        # Redis dropped the subscription's connection before these: only the log has them.
+        stamps = [replay_log.broadcast("room", "e", i) for i in range(5)]
+
+        got = receive(sub, 5, timeout=20)
+    assert contents(got) == list(range(5))
+    assert [m["timestamp"] for m in got] == stamps
+
+
+def test_a_consumer_too_slow_for_redis_s_output_limit_gets_everything_once_in_order(
+    redis_server_factory: Any,
+) -> None:
+    # A tight pub/sub output limit: if the consumer's backlog stays in Redis, Redis drops
+    # the connection, and the subscription must catch up from the log.
+    server = redis_server_factory("--client-output-buffer-limit", "pubsub 256kb 128kb 1")
+    log = replaylog.ReplayLog(server.url)
+    total = 30_000
+    t0 = log.broadcast("slow", "e", -1)
+    with log.subscribe("slow", since=t0) as sub:
+        stamps: list[int] = []
+        for start in range(0, total, 5_000):
+            stamps += log.broadcast_many(
+                [("slow", "e", [i, "x" * 100]) for i in range(start, start + 5_000)]
+            )
+        got = []
+        deadline = time.monotonic() + 40
+        while len(got) < total:
+            assert time.monotonic() < deadline, f"only {len(got)} of {total} arrived"
+            message = sub.get(timeout=1.0)
+            if message is not None:
+                got.append(message)
+        assert sub.get(timeout=0.3) is None
+    assert [m["timestamp"] for m in got] == stamps
+    assert [m["content"][0] for m in got] == list(range(total))
+
+
+def check_after_restart(got: list[Any], gaps: int, finals: list[str]) -> None:
+    assert gaps <= 1, f"{gaps} IncompleteReplayErrors for one restart"
+    assert got[-len(finals) :] == finals, got
+    assert all(str(c).startswith(("after-", "final-")) for c in got), got
+    assert len(got) == len(set(got)), f"duplicates: {got}"
+    numbered = [int(str(c).split("-")[1]) for c in got if str(c).startswith("after-")]
+    assert numbered == sorted(numbered), got
+
+
+def send_retrying(log: replaylog.ReplayLog, content: str) -> int:
+    """A broadcast, retried once on ConnectionError: one sent the moment Redis is back may
+    still meet the old connection (test_idle_calls holds the call after a restart to its own
+    test); the idempotency key keeps the retry from storing it twice. The subscription is what
+    the restart tests are about."""
+    try:
+        return log.broadcast("room", "e", content, idempotency_key=content)
+    except replaylog.ConnectionError:
+        return log.broadcast("room", "e", content, idempotency_key=content)
+
+
+async def asend_retrying(log: replaylog.ReplayLog, content: str) -> int:
+    try:
+        return await log.abroadcast("room", "e", content, idempotency_key=content)
+    except replaylog.ConnectionError:
+        return await log.abroadcast("room", "e", content, idempotency_key=content)
+
+
+def test_a_subscription_goes_on_across_a_redis_restart_in_order_without_duplicates(
+    dedicated_redis: RedisServer,
+) -> None:
+    log = replaylog.ReplayLog(dedicated_redis.url)
+    # Another log object (its own connections) publishes, as another process would.
+    writer = replaylog.ReplayLog(dedicated_redis.url)
+    t0 = log.broadcast("room", "e", "before-0")
+    with log.subscribe("room", since=t0) as sub:
+        log.broadcast("room", "e", "before-1")
+        assert contents(receive(sub, 1, timeout=10)) == ["before-1"]
+
+        got: list[Any] = []
+        gaps = 0
+
+        def pull(seconds: float) -> None:
+            nonlocal gaps
+            end = time.monotonic() + seconds
+            while time.monotonic() < end:
+                try:
+                    message = sub.get(timeout=0.1)
+                except replaylog.IncompleteReplayError as gap:
+                    assert gap.channel == "room"
+                    gaps += 1
+                    continue
+                if message is not None:
+                    got.append(message["content"])
+
+        # Down for a while, as in a real restart; the consumer keeps waiting meanwhile.
+        dedicated_redis.stop()
+        pull(OUTAGE)
+        dedicated_redis.start()  # same port, no persistence: the log is gone
+
+        # Messages broadcast before the subscription saw the restart may be covered by the
+        # gap it reports; once one arrives, everything broadcast afterwards must too.
+        deadline = time.monotonic() + 20
+        sent = 0
+        while not got:
+            assert time.monotonic() < deadline, f"nothing delivered after the restart; {gaps=}"
+            send_retrying(writer, f"after-{sent}")
+            sent += 1
+            pull(0.4)
+        finals = [f"final-{i}" for i in range(3)]
+        for content in finals:
+            send_retrying(writer, content)
+        end = time.monotonic() + 10
+        while got[-1] != finals[-1] and time.monotonic() < end:
+            pull(0.2)
+        pull(0.3)
+    check_after_restart(got, gaps, finals)
+
+
+def test_an_async_subscription_goes_on_across_a_redis_restart_in_order_without_duplicates(
+    dedicated_redis: RedisServer,
+) -> None:
+    log = replaylog.ReplayLog(dedicated_redis.url)
+    # Another log object (its own connections) publishes, as another process would.
+    writer = replaylog.ReplayLog(dedicated_redis.url)
+
+    async def scenario() -> tuple[list[Any], int, list[str]]:
+        t0 = await log.abroadcast("room", "e", "before-0")
+        got: list[Any] = []
+        gaps = 0
+        async with log.asubscribe("room", since=t0) as sub:
+
+            async def pull(seconds: float) -> None:
+                nonlocal gaps
+                end = time.monotonic() + seconds
+                while time.monotonic() < end:
+                    try:
+                        message = await asyncio.wait_for(sub.__anext__(), 0.1)
+                    except asyncio.TimeoutError:
+                        continue
+                    except replaylog.IncompleteReplayError as gap:
+                        assert gap.channel == "room"
+                        gaps += 1
+                        continue
+                    except StopAsyncIteration:
+                        raise AssertionError("the async iteration ended") from None
+                    got.append(message["content"])
+
+            await log.abroadcast("room", "e", "before-1")
+            await pull(1.0)
+            assert got == ["before-1"]
+            got.clear()
+
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(None, dedicated_redis.stop)
+            await pull(OUTAGE)
+            await loop.run_in_executor(None, dedicated_redis.start)
+
+            deadline = time.monotonic() + 20
+            sent = 0
+            while not got:
+                assert time.monotonic() < deadline, "nothing delivered after the restart"
+                await asend_retrying(writer, f"after-{sent}")
+                sent += 1
+                await pull(0.4)
+            finals = [f"final-{i}" for i in range(3)]
+            for content in finals:
+                await asend_retrying(writer, content)
+            end = time.monotonic() + 10
+            while got[-1] != finals[-1] and time.monotonic() < end:
+                await pull(0.2)
+            await pull(0.3)
+            assert not sub.closed
+        return got, gaps, finals
+
+    check_after_restart(*asyncio.run(scenario()))
 
 
 # --------------------------------------------------------------------------- holes
@@ -431,6 +641,63 @@ def test_a_hole_is_reported_once_even_across_later_reconnects(
         assert sub.get(timeout=0.5) is None
         ts = replay_log.broadcast("gone", "e", 9)
         assert sub.get(timeout=5)["timestamp"] == ts
+
+
+def test_a_flushall_under_timestamps_ahead_of_the_clock_is_a_hole_not_a_silent_drop(
+    replay_log: replaylog.ReplayLog, rdb: redis.Redis
+) -> None:
+    # Each message gets its own millisecond: 20,000 of them run ~20 s ahead of the clock.
+    stamps = replay_log.broadcast_many([("ahead", "e", i) for i in range(20_000)])
+    assert stamps[-1] > redis_now_ms(rdb) + 5_000
+    with replay_log.subscribe("ahead") as sub:
+        rdb.flushall()
+        # A new history: below the subscription's cursor.
+        first = replay_log.broadcast("ahead", "e", "after-flush")
+        assert first < stamps[-1]
+
+        deadline = time.monotonic() + 10
+        with pytest.raises(replaylog.IncompleteReplayError) as gap:
+            while time.monotonic() < deadline:
+                message = sub.get(timeout=0.5)
+                assert message is None, f"delivered {message} instead of reporting the gap"
+        assert gap.value.channel == "ahead"
+
+        later = [replay_log.broadcast("ahead", "e", f"new-{i}") for i in range(3)]
+        got = receive(sub, 3, timeout=10)
+    assert contents(got) == ["new-0", "new-1", "new-2"]
+    assert [m["timestamp"] for m in got] == later
+
+
+# --------------------------------------------------------------------------- foreign payloads
+
+
+FOREIGN: dict[str, Callable[[int], bytes]] = {
+    "not-json": lambda cursor: b"hello, not json",
+    "not-json-with-timestamp": lambda cursor: f'oops "timestamp":{cursor + 1} }}'.encode(),
+    "array": lambda cursor: b"[1, 2, 3]",
+    "array-with-timestamp": lambda cursor: f'[{{"timestamp":{cursor + 1}}}]'.encode(),
+    "string-with-timestamp": lambda cursor: json.dumps(f'"timestamp":{cursor + 2}').encode(),
+    "number": lambda cursor: b"42",
+    "null": lambda cursor: b"null",
+    # Text that looks like the tail of the message after the cursor, in an array.
+    "array-chained-to-the-cursor": lambda cursor: (
+        f'[{{"x":1,"prev":{cursor},"timestamp":{cursor + 10**9}}}]'.encode()
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", list(FOREIGN))
+def test_foreign_payloads_on_the_pubsub_channel_are_skipped(
+    replay_log: replaylog.ReplayLog, rdb: redis.Redis, kind: str
+) -> None:
+    t0 = replay_log.broadcast("f", "e", "start")
+    with replay_log.subscribe("f", since=t0) as sub:
+        first = replay_log.broadcast("f", "e", "real-1")
+        assert contents(receive(sub, 1, timeout=10)) == ["real-1"]
+        rdb.publish("mq:f", FOREIGN[kind](first))
+        real = [replay_log.broadcast("f", "e", f"real-{i}") for i in (2, 3)]
+        got = drain(sub, wait=1.0)
+    assert [m["timestamp"] for m in got] == real, got
 
 
 # --------------------------------------------------------------------------- closing

@@ -25,6 +25,7 @@ django.setup()
 
 import pytest  # noqa: E402
 import redis  # noqa: E402
+from conftest import redis_now_ms  # noqa: E402  (tests/ is on PYTHONPATH: test_django.py)
 from django.apps import apps  # noqa: E402
 from django.conf import settings  # noqa: E402
 from django.core import checks  # noqa: E402
@@ -50,11 +51,6 @@ def client() -> Client:
 def rdb(replaylog_redis_proc: Any) -> Iterator[redis.Redis]:
     with redis.Redis(host=replaylog_redis_proc.host, port=replaylog_redis_proc.port) as r:
         yield r
-
-
-def redis_now_ms(r: redis.Redis) -> int:
-    seconds, micros = r.time()
-    return seconds * 1000 + micros // 1000
 
 
 def legacy_entry(r: redis.Redis, channel: str, text: str, timestamp: int) -> str:
