@@ -89,8 +89,9 @@ class LocalCluster:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def throughput(log: replaylog.ReplayLog, seconds: float) -> float:
-    """Messages per second that 8 threads broadcast for `seconds`, over 64 channels."""
+def throughput(log: replaylog.ReplayLog, seconds: float) -> tuple[float, float]:
+    """Messages per second that 8 threads broadcast for `seconds`, over 64 channels, and the
+    client's CPU µs per message."""
     counts = [0] * THREADS
     start = threading.Barrier(THREADS + 1)
     stop = threading.Event()
@@ -109,11 +110,13 @@ def throughput(log: replaylog.ReplayLog, seconds: float) -> float:
     log.broadcast("warm-up", "e", 0)
     start.wait()
     began = time.perf_counter()
+    cpu_before = time.process_time()
     time.sleep(seconds)
     stop.set()
     for thread in threads:
         thread.join()
-    return sum(counts) / (time.perf_counter() - began)
+    sent = sum(counts)
+    return sent / (time.perf_counter() - began), (time.process_time() - cpu_before) / sent * 1e6
 
 
 def main() -> None:
@@ -125,14 +128,21 @@ def main() -> None:
         single = replaylog.ReplayLog(server.url)
         clustered = replaylog.ReplayLog(cluster.url)
         sharded = replaylog.ReplayLog(cluster.url, sharded_pubsub=True)
-        best = {"one server": 0.0, "cluster": 0.0, "cluster, sharded pub/sub": 0.0}
+        best = {
+            "one server": (0.0, 0.0),
+            "cluster": (0.0, 0.0),
+            "cluster, sharded pub/sub": (0.0, 0.0),
+        }
         for _ in range(args.rounds):
             for name, log in zip(best, (single, clustered, sharded)):
                 best[name] = max(best[name], throughput(log, args.seconds))
-    base = best["one server"]
+    base = best["one server"][0]
     print(f"broadcast, {THREADS} threads, {len(CHANNELS)} channels, best of {args.rounds}:")
-    for name, rate in best.items():
-        print(f"  {name:<26} {rate:>9,.0f} msg/s   {rate / base:.2f}x one server")
+    for name, (rate, cpu) in best.items():
+        print(
+            f"  {name:<26} {rate:>9,.0f} msg/s   {rate / base:.2f}x one server"
+            f"   client CPU {cpu:.1f} µs/msg"
+        )
 
 
 if __name__ == "__main__":
