@@ -115,8 +115,16 @@ def soak(name: str, url: str, ports: list[int], messages: int, channel_count: in
     for writer in writers:
         writer.start()
     samples = []
+
+    def sample() -> None:
+        # The soak's own record of every timestamp sent and received is part of the RSS.
+        records = sum(len(a) for a in acknowledged.values()) + sum(
+            len(a) for a in delivered.values()
+        )
+        samples.append((time.monotonic() - started, rss_mib(), records * 8 / 2**20))
+
     while any(writer.is_alive() for writer in writers):
-        samples.append((time.monotonic() - started, rss_mib()))
+        sample()
         time.sleep(max(1.0, samples[-1][0] / 10))
     elapsed = time.monotonic() - started
     done_writing.set()
@@ -132,13 +140,18 @@ def soak(name: str, url: str, ports: list[int], messages: int, channel_count: in
         sent, got = set(acknowledged[channel]), list(delivered[channel])
         duplicates += len(got) - len(set(got))
         lost += len(sent - set(got))
-    samples.append((time.monotonic() - started, rss_mib()))
+    sample()
     print(f"{name}: {total:,} messages over {channel_count:,} channels in {elapsed:.1f} s")
     print(f"  throughput        {total / elapsed:,.0f} msg/s (with unspool, subscribe, prune)")
     print(f"  lost              {lost}")
     print(f"  duplicates        {duplicates}")
     print(f"  gaps reported     {gaps[0]}   failed calls {len(errors)}")
-    print("  client RSS (MiB)  " + ", ".join(f"{t:.0f}s {m:.0f}" for t, m in samples))
+    print("  client RSS (MiB)  " + ", ".join(f"{t:.0f}s {m:.0f}" for t, m, _ in samples))
+    print(
+        "  without records   "
+        + ", ".join(f"{t:.0f}s {m - records:.0f}" for t, m, records in samples)
+        + "  (RSS less the soak's own 8 bytes per timestamp sent and received)"
+    )
     print(f"  Redis memory      {redis_memory_mib(ports):,.0f} MiB on the master(s)")
     return lost == 0 and duplicates == 0
 
