@@ -308,11 +308,19 @@ impl Connection {
                 sharded: self.settings.sharded_pubsub,
             },
             (_, Some(sentinels)) => Dial::Sentinel(sentinels.clone()),
-            (target, None) => Dial::Single(Client::open(target.node_info().clone())?),
+            (target, None) => Dial::Single(Box::new(Client::open(target.node_info().clone())?)),
         };
         Ok(process
             .hub
             .get_or_init(|| Hub::start(dial, self.settings.connect_timeout)))
+    }
+
+    /// The cluster nodes the URL names, to start from.
+    pub fn cluster_seeds(&self) -> &[ConnectionInfo] {
+        match &self.target {
+            Target::Cluster(nodes) => nodes,
+            _ => &[],
+        }
     }
 
     /// The one server's address, for the bulk path (one server only).
@@ -326,12 +334,16 @@ impl Connection {
     }
 
     /// After a failure: if a Sentinel failover may explain it, ask where the master is before
-    /// the next call.
+    /// the next call. A cluster connection that let a call time out is replaced: redis-rs's
+    /// can stay stuck after a request it lost during a failover.
     pub fn failed(&self, error: &redis::RedisError) {
         if let Some(sentinels) = &self.sentinels {
             if crate::sentinel::failover_may_explain(error) {
                 sentinels.suspect();
             }
+        }
+        if matches!(self.target, Target::Cluster(_)) && error.is_timeout() {
+            self.close();
         }
     }
 

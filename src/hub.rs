@@ -78,7 +78,7 @@ enum Command {
 
 /// How the hub reaches Redis.
 pub enum Dial {
-    Single(Client),
+    Single(Box<Client>),
     /// The master the sentinels name at each connect; checked every `RECHECK` meanwhile.
     Sentinel(Arc<Sentinels>),
     /// A cluster connection that subscribes where the channels live and subscribes again by
@@ -143,7 +143,9 @@ impl PubSubLink {
                         Heard::Message(name, payload.clone())
                     }
                     (PushKind::Subscribe | PushKind::SSubscribe, _) => Heard::Subscribed(name),
-                    (PushKind::Unsubscribe | PushKind::SUnsubscribe, _) => Heard::Unsubscribed(name),
+                    (PushKind::Unsubscribe | PushKind::SUnsubscribe, _) => {
+                        Heard::Unsubscribed(name)
+                    }
                     _ => Heard::Nothing,
                 }
             }
@@ -311,7 +313,11 @@ struct State {
     retry: Option<(Instant, Duration)>,
 }
 
-async fn run(dial: Dial, connect_timeout: Duration, mut commands: mpsc::UnboundedReceiver<Command>) {
+async fn run(
+    dial: Dial,
+    connect_timeout: Duration,
+    mut commands: mpsc::UnboundedReceiver<Command>,
+) {
     let sentinel = matches!(dial, Dial::Sentinel(_));
     let mut state = State {
         dial,
@@ -491,7 +497,7 @@ impl State {
         let names: Vec<&Vec<u8>> = self.listeners.keys().collect();
         let connected = tokio::time::timeout(self.connect_timeout, async {
             let (client, address) = match &self.dial {
-                Dial::Single(client) => (client.clone(), String::new()),
+                Dial::Single(client) => ((**client).clone(), String::new()),
                 Dial::Sentinel(sentinels) => {
                     let master = sentinels.master(Duration::ZERO).await?;
                     let address = master.addr().to_string();

@@ -26,8 +26,7 @@ fn command_key(cmd: &Cmd) -> Option<&[u8]> {
         _ => None,
     });
     let name = args.next()??;
-    let position = if name.eq_ignore_ascii_case(b"EVALSHA") || name.eq_ignore_ascii_case(b"EVAL")
-    {
+    let position = if name.eq_ignore_ascii_case(b"EVALSHA") || name.eq_ignore_ascii_case(b"EVAL") {
         2
     } else if name.eq_ignore_ascii_case(b"TIME")
         || name.eq_ignore_ascii_case(b"SCAN")

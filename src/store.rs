@@ -7,13 +7,18 @@ use std::collections::HashSet;
 use std::future::Future;
 use std::io;
 
+use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
-use redis::{Cmd, Pipeline, RedisError, RedisResult, Script, Value};
+use redis::{
+    AsyncConnectionConfig, Client, Cmd, ConnectionInfo, Pipeline, RedisError, RedisResult, Script,
+    Value,
+};
 
 use crate::bulk::{timed_out, BulkConnection, Miss, Replies};
 use crate::connection::{Connection, Flavor};
 use crate::errors::Failure;
 use crate::link::Link;
+use crate::target::with_address;
 
 const BROADCAST_LUA: &str = include_str!("lua/broadcast.lua");
 const REPLAY_LUA: &str = include_str!("lua/replay.lua");
@@ -26,6 +31,9 @@ const SCAN_COUNT: usize = 1000;
 /// driver wakes the connection's task, which reports the disconnect to the manager's task,
 /// which starts a new connection. One more for good measure.
 const CHECK_YIELDS: usize = 4;
+/// How long a prune on a cluster keeps looking at the topology while nodes fail under it (a
+/// failover, resharding) before it gives up.
+const TOPOLOGY_SETTLES: std::time::Duration = std::time::Duration::from_secs(30);
 /// The one operation of many round trips, each bounded on its own.
 pub const PRUNE: &str = "prune_replay_logs";
 
@@ -316,7 +324,10 @@ impl Store {
         // included; a script cannot run it, so it follows in its own round trip.
         let replicas = match self.limits.min_replicas {
             0 => None,
-            wanted => Some(self.wait_for_replicas(&mut manager, messages, wanted).await?),
+            wanted => Some(
+                self.wait_for_replicas(&mut manager, messages, wanted)
+                    .await?,
+            ),
         };
         Ok(Broadcasted {
             timestamps,
@@ -503,51 +514,63 @@ impl Store {
     ) -> RedisResult<i64> {
         let oldest_kept = redis_now_ms(&mut manager).await? - expire_ms;
         let pattern = self.log_pattern(channels);
+        let mut removed = 0;
         if !manager.is_cluster() {
-            return prune_node(&mut manager, None, &pattern, oldest_kept).await;
+            prune_node(&mut manager, &pattern, oldest_kept, &mut removed).await?;
+            return Ok(removed);
         }
         // Every master's keys, each SCAN paged on its own node. A node that fails on the way
-        // (a failover, resharding) is left for a second look at the topology, which walks
-        // whichever master serves its slots now.
+        // (a failover, resharding) is left for another look at the topology, which walks
+        // whichever master serves its slots now; a trim done twice removes nothing the second
+        // time, so each entry is counted once.
+        let deadline = tokio::time::Instant::now() + TOPOLOGY_SETTLES;
         let mut walked = HashSet::new();
-        let mut removed = 0;
-        let mut failure = None;
-        for _ in 0..3 {
-            let masters = cluster_masters(&mut manager).await?;
-            let pending: Vec<(String, u16)> = masters
-                .into_iter()
-                .filter(|master| !walked.contains(master))
-                .collect();
-            if pending.is_empty() {
-                return Ok(removed);
-            }
-            for node in pending {
-                match prune_node(&mut manager, Some(&node), &pattern, oldest_kept).await {
-                    Ok(count) => {
-                        removed += count;
-                        walked.insert(node);
+        let mut known: Vec<ConnectionInfo> = self.connection.cluster_seeds().to_vec();
+        loop {
+            let failed = match cluster_masters(&known, self.settings()).await {
+                Err(error) => Some(error),
+                Ok(masters) => {
+                    let mut failed = None;
+                    for master in masters {
+                        let address = master.addr().to_string();
+                        if walked.contains(&address) {
+                            continue;
+                        }
+                        let walk = async {
+                            let mut node = node_connection(&master, self.settings()).await?;
+                            prune_node(&mut node, &pattern, oldest_kept, &mut removed).await
+                        };
+                        match walk.await {
+                            Ok(()) => {
+                                walked.insert(address);
+                            }
+                            Err(error) => failed = Some(error),
+                        }
+                        if !known.iter().any(|seen| seen.addr() == master.addr()) {
+                            known.push(master);
+                        }
                     }
-                    Err(error) => failure = Some(error),
+                    failed
                 }
+            };
+            match failed {
+                None => return Ok(removed),
+                Some(error) if tokio::time::Instant::now() >= deadline => return Err(error),
+                Some(_) => tokio::time::sleep(std::time::Duration::from_millis(250)).await,
             }
-            if failure.is_none() {
-                return Ok(removed);
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
         }
-        Err(failure.expect("a walk failed"))
     }
 }
 
-/// Trims the logs that SCAN finds on one node (`node`, on a cluster) to `oldest_kept`.
-/// A step's trims travel with the SCAN of the next step: one round trip each on one server.
+/// Trims the logs that SCAN finds on one node (one server, or one cluster master) to
+/// `oldest_kept`, adding what it removed to `removed`. A step's trims travel with the SCAN of
+/// the next step, one round trip each.
 async fn prune_node(
-    manager: &mut Link,
-    node: Option<&(String, u16)>,
+    node: &mut impl ConnectionLike,
     pattern: &[u8],
     oldest_kept: i64,
-) -> RedisResult<i64> {
-    let mut removed = 0;
+    removed: &mut i64,
+) -> RedisResult<()> {
     let mut cursor: Option<u64> = Some(0);
     let mut keys: Vec<Vec<u8>> = Vec::new();
     while cursor.is_some() || !keys.is_empty() {
@@ -558,48 +581,23 @@ async fn prune_node(
                 .arg("-inf")
                 .arg(oldest_kept);
         }
-        let scan = cursor.map(|position| {
-            let mut scan = redis::cmd("SCAN");
-            scan.arg(position)
+        if let Some(position) = cursor {
+            pipe.cmd("SCAN")
+                .arg(position)
                 .arg("MATCH")
                 .arg(pattern)
                 .arg("COUNT")
                 .arg(SCAN_COUNT)
                 .arg("TYPE")
                 .arg("zset");
-            scan
-        });
-        let (trimmed, scan_reply) = match (node, scan) {
-            (Some((host, port)), scan) => {
-                let trimmed: Vec<Value> = if keys.is_empty() {
-                    Vec::new()
-                } else {
-                    query(manager, &pipe).await?
-                };
-                let scan_reply = match (scan, &*manager) {
-                    (Some(scan), Link::Cluster(cluster)) => {
-                        let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
-                            host: host.clone(),
-                            port: *port,
-                        });
-                        Some(cluster.clone().route_command(scan, routing).await?)
-                    }
-                    _ => None,
-                };
-                (trimmed, scan_reply)
-            }
-            (None, scan) => {
-                let scanning = scan.is_some();
-                if let Some(scan) = scan {
-                    pipe.add_command(scan);
-                }
-                let mut replies: Vec<Value> = query(manager, &pipe).await?;
-                let scan_reply = scanning.then(|| replies.pop().expect("one reply per command"));
-                (replies, scan_reply)
-            }
+        }
+        let mut replies: Vec<Value> = match pipe.query_async(node).await {
+            Err(e) if e.is_connection_refusal() => pipe.query_async(node).await?,
+            replies => replies?,
         };
-        for reply in trimmed {
-            removed += redis::from_redis_value::<i64>(reply)?;
+        let scan_reply = cursor.map(|_| replies.pop().expect("one reply per command"));
+        for trimmed in replies {
+            *removed += redis::from_redis_value::<i64>(trimmed)?;
         }
         keys.clear();
         cursor = None;
@@ -609,32 +607,64 @@ async fn prune_node(
             cursor = (next != 0).then_some(next);
         }
     }
-    Ok(removed)
+    Ok(())
 }
 
-/// The addresses of a cluster's masters that serve slots, from CLUSTER NODES.
-async fn cluster_masters(manager: &mut Link) -> RedisResult<Vec<(String, u16)>> {
-    let nodes: String = redis::cmd("CLUSTER").arg("NODES").query_async(manager).await?;
-    let mut masters = Vec::new();
-    for line in nodes.lines() {
-        let fields: Vec<&str> = line.split(' ').collect();
-        let (Some(address), Some(flags)) = (fields.get(1), fields.get(2)) else {
-            continue;
-        };
-        let serving = fields.len() > 8;
-        let failing = flags.contains("fail") || flags.contains("noaddr");
-        if !flags.split(',').any(|flag| flag == "master") || failing || !serving {
-            continue;
+/// A connection of its own to one cluster node: a walk of that node's keys must stay on it,
+/// never be redirected.
+async fn node_connection(
+    node: &ConnectionInfo,
+    settings: &crate::connection::Settings,
+) -> RedisResult<MultiplexedConnection> {
+    let config = AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(settings.connect_timeout))
+        .set_response_timeout(Some(settings.response_timeout));
+    Client::open(node.clone())?
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+}
+
+/// The cluster's masters that serve slots, from CLUSTER NODES of the first of `known` that
+/// answers; each with the login and TLS of the seed nodes.
+async fn cluster_masters(
+    known: &[ConnectionInfo],
+    settings: &crate::connection::Settings,
+) -> RedisResult<Vec<ConnectionInfo>> {
+    let mut last_error = None;
+    for node in known {
+        let nodes: RedisResult<String> = async {
+            let mut connection = node_connection(node, settings).await?;
+            redis::cmd("CLUSTER")
+                .arg("NODES")
+                .query_async(&mut connection)
+                .await
         }
-        // "ip:port@cport[,hostname]"
-        let address = address.split(['@', ',']).next().unwrap_or_default();
-        if let Some((host, port)) = address.rsplit_once(':') {
-            if let Ok(port) = port.parse() {
-                masters.push((host.to_owned(), port));
+        .await;
+        let nodes = match nodes {
+            Ok(nodes) => nodes,
+            Err(error) => {
+                last_error = Some(error);
+                continue;
             }
+        };
+        let mut masters = Vec::new();
+        for line in nodes.lines() {
+            let fields: Vec<&str> = line.split(' ').collect();
+            let (Some(address), Some(flags)) = (fields.get(1), fields.get(2)) else {
+                continue;
+            };
+            let serving = fields.len() > 8;
+            let failing = flags.contains("fail") || flags.contains("noaddr");
+            if !flags.split(',').any(|flag| flag == "master") || failing || !serving {
+                continue;
+            }
+            // "ip:port@cport[,hostname]"
+            let address = address.split(['@', ',']).next().unwrap_or_default();
+            masters.push(with_address(node, address)?);
         }
+        return Ok(masters);
     }
-    Ok(masters)
+    Err(last_error.unwrap_or_else(|| RedisError::from((redis::ErrorKind::Client, "no node"))))
 }
 
 impl Store {
@@ -669,11 +699,7 @@ impl Store {
     }
 
     /// Deletes one channel's log and bookkeeping; returns how many messages it held.
-    pub async fn delete(
-        &self,
-        mut manager: Link,
-        keys: &ChannelKeys,
-    ) -> RedisResult<i64> {
+    pub async fn delete(&self, mut manager: Link, keys: &ChannelKeys) -> RedisResult<i64> {
         let mut cmd = redis::cmd("EVALSHA");
         cmd.arg(self.delete_script.get_hash())
             .arg(2)
@@ -786,10 +812,7 @@ async fn redis_now_ms(manager: &mut Link) -> RedisResult<i64> {
 
 /// Sends a pipeline. A refused connection sent nothing, so it is tried once more: the first
 /// call after Redis came back would otherwise fail on the connection that died with it.
-async fn query<T: redis::FromRedisValue>(
-    manager: &mut Link,
-    pipe: &Pipeline,
-) -> RedisResult<T> {
+async fn query<T: redis::FromRedisValue>(manager: &mut Link, pipe: &Pipeline) -> RedisResult<T> {
     match pipe.query_async(manager).await {
         Err(e) if e.is_connection_refusal() => pipe.query_async(manager).await,
         outcome => outcome,

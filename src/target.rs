@@ -7,7 +7,9 @@
 //! redis-rs reads a `redis://` URL and applies to every node; the sentinels themselves take
 //! `sentinel_username` / `sentinel_password` when they need a login of their own.
 
-use redis::{ConnectionAddr, ConnectionInfo, ErrorKind, IntoConnectionInfo, RedisError, RedisResult};
+use redis::{
+    ConnectionAddr, ConnectionInfo, ErrorKind, IntoConnectionInfo, RedisError, RedisResult,
+};
 
 #[derive(Clone)]
 pub enum Target {
@@ -111,7 +113,10 @@ pub fn with_address(info: &ConnectionInfo, address: &str) -> RedisResult<Connect
         .rsplit_once(':')
         .and_then(|(host, port)| Some((host, port.parse::<u16>().ok()?)))
         .ok_or_else(|| invalid("addr= takes host:port"))?;
-    let host = host.trim_start_matches('[').trim_end_matches(']').to_owned();
+    let host = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
     let addr = match info.addr() {
         ConnectionAddr::TcpTls {
             insecure,
@@ -150,7 +155,11 @@ fn percent_decoded(value: &str) -> RedisResult<String> {
 }
 
 fn invalid(detail: &'static str) -> RedisError {
-    RedisError::from((ErrorKind::InvalidClientConfig, "invalid URL", detail.to_owned()))
+    RedisError::from((
+        ErrorKind::InvalidClientConfig,
+        "invalid URL",
+        detail.to_owned(),
+    ))
 }
 
 #[cfg(test)]
@@ -179,7 +188,9 @@ mod tests {
             found,
             [("a".into(), 7000), ("b".into(), 7001), ("::1".into(), 7002)]
         );
-        assert!(nodes.iter().all(|n| n.redis_settings().password() == Some("p")));
+        assert!(nodes
+            .iter()
+            .all(|n| n.redis_settings().password() == Some("p")));
     }
 
     #[test]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -167,8 +168,9 @@ def test_the_node_holding_the_subscription_dies(fresh_cluster: Cluster) -> None:
         assert stream.delivered[channel][-1] == stream.acknowledged[channel][-1]
 
 
-def test_resharding_mid_stream(fresh_cluster: Cluster) -> None:
-    log = replaylog.ReplayLog(fresh_cluster.url)
+@pytest.mark.parametrize("sharded", [False, True], ids=["", "sharded"])
+def test_resharding_mid_stream(fresh_cluster: Cluster, sharded: bool) -> None:
+    log = replaylog.ReplayLog(fresh_cluster.url, sharded_pubsub=sharded)
     stream = Stream(log, CHANNELS[:6])
     time.sleep(0.5)
     source = fresh_cluster.master_of(f"replay:{{{CHANNELS[0]}}}")
@@ -192,7 +194,9 @@ def test_resharding_mid_stream(fresh_cluster: Cluster) -> None:
         capture_output=True,
         timeout=120,
     )
-    print(f"\nresharded 5461 slots in {time.monotonic() - started:.1f} s while streaming")
+    print(
+        f"\nresharded 5461 slots in {time.monotonic() - started:.1f} s while streaming ({sharded=})"
+    )
     time.sleep(0.5)
     stream.stop()
     assert fresh_cluster.master_of(f"replay:{{{CHANNELS[0]}}}").port == target.port
@@ -203,6 +207,71 @@ def test_resharding_mid_stream(fresh_cluster: Cluster) -> None:
         assert stream.gaps[channel] == 0
         assert stream.delivered[channel] == stream.acknowledged[channel]
         assert [m["content"] for m in log.unspool(channel, 0)] == stream.acknowledged[channel]
+
+
+def test_a_planned_failover_mid_stream(fresh_cluster: Cluster) -> None:
+    """CLUSTER FAILOVER: the old master turns replica under the stream (MOVED, READONLY)."""
+    log = replaylog.ReplayLog(fresh_cluster.url, sharded_pubsub=True)
+    stream = Stream(log, CHANNELS[:6])
+    time.sleep(0.5)
+    old = fresh_cluster.master_of(f"replay:{{{CHANNELS[0]}}}")
+    replica = next(
+        node
+        for node in fresh_cluster.nodes
+        if node.client().info("replication").get("master_port") == old.port
+    )
+    started = time.monotonic()
+    with replica.client() as c:
+        c.execute_command("CLUSTER", "FAILOVER")
+    wait_for(
+        lambda: fresh_cluster.master_of(f"replay:{{{CHANNELS[0]}}}").port == replica.port,
+        30,
+        "the replica to take over",
+    )
+    print(f"\nplanned failover done in {time.monotonic() - started:.1f} s while streaming")
+    time.sleep(1.5)
+    stream.stop()
+    stream.check()
+    for channel in CHANNELS[:6]:
+        assert stream.delivered[channel][-1] == stream.acknowledged[channel][-1]
+        stored = [m["content"] for m in log.unspool(channel, 0)]
+        assert set(stream.acknowledged[channel]) <= set(stored)
+
+
+def test_a_prune_across_a_failover_removes_each_old_entry_once(fresh_cluster: Cluster) -> None:
+    log = replaylog.ReplayLog(fresh_cluster.url)
+    old_entries = 0
+    with fresh_cluster.client() as admin:
+        pipe = admin.pipeline(transaction=False)
+        for index in range(3000):
+            pipe.zadd(f"replay:{{p{index}}}", {f'{{"n":{index},"a":1}}': 1, f'{{"n":{index}}}': 2})
+            old_entries += 2
+        pipe.execute()
+    old = fresh_cluster.masters()[0]
+    replica = next(
+        node
+        for node in fresh_cluster.nodes
+        if node.client().info("replication").get("master_port") == old.port
+    )
+    outcome: list[object] = []
+
+    def prune() -> None:
+        try:
+            outcome.append(log.prune_replay_logs(60_000))
+        except replaylog.ReplayLogError as error:
+            outcome.append(error)
+
+    pruning = threading.Thread(target=prune)
+    with replica.client() as c:
+        c.execute_command("CLUSTER", "FAILOVER")
+        pruning.start()
+    pruning.join(timeout=60)
+    wait_for(fresh_cluster.healthy, 30, "the failover")
+    # The walk of a node that turned replica under it was done again on the new master, and
+    # nothing was counted twice.
+    assert outcome == [old_entries]
+    with fresh_cluster.client() as admin:
+        assert sum(admin.zcard(f"replay:{{p{i}}}") for i in range(0, 3000, 97)) == 0
 
 
 def test_refusals_and_a_slow_node_on_a_cluster(cluster: Cluster) -> None:
