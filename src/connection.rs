@@ -334,16 +334,12 @@ impl Connection {
     }
 
     /// After a failure: if a Sentinel failover may explain it, ask where the master is before
-    /// the next call. A cluster connection that let a call time out is replaced: redis-rs's
-    /// can stay stuck after a request it lost during a failover.
+    /// the next call.
     pub fn failed(&self, error: &redis::RedisError) {
         if let Some(sentinels) = &self.sentinels {
             if crate::sentinel::failover_may_explain(error) {
                 sentinels.suspect();
             }
-        }
-        if matches!(self.target, Target::Cluster(_)) && error.is_timeout() {
-            self.close();
         }
     }
 

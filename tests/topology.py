@@ -198,6 +198,7 @@ class Stream:
         self.pause = pause
         self.acknowledged: dict[str, list[int]] = {c: [] for c in channels}
         self.failed: list[BaseException] = []
+        self.unexpected: list[BaseException] = []
         #: When each broadcast failed or came back, to measure recovery.
         self.outcomes: list[tuple[float, bool]] = []
         self.delivered: dict[str, list[int]] = {c: [] for c in channels}
@@ -221,6 +222,9 @@ class Stream:
                 except replaylog.ReplayLogError as error:
                     self.failed.append(error)
                     self.outcomes.append((time.monotonic(), False))
+                except Exception as error:  # noqa: BLE001 - a bug: recorded, reported by check()
+                    self.unexpected.append(error)
+                    return
                 else:
                     self.acknowledged[channel].append(number)
                     self.outcomes.append((time.monotonic(), True))
@@ -241,8 +245,13 @@ class Stream:
 
     def recovery_seconds(self, since: float) -> float:
         """From `since` to the first acknowledged broadcast after the last failure."""
-        last_failure = max((at for at, ok in self.outcomes if not ok), default=since)
-        first_ok = min(at for at, ok in self.outcomes if ok and at > last_failure)
+        assert not self.unexpected, self.unexpected
+        failures = [at for at, ok in self.outcomes if not ok and at >= since]
+        last_failure = max(failures, default=since)
+        first_ok = min((at for at, ok in self.outcomes if ok and at > last_failure), default=None)
+        assert first_ok is not None, (
+            f"no broadcast succeeded after the last of {len(failures)} failures"
+        )
         return first_ok - since
 
     def stop(self, drain_timeout: float = 30) -> None:
@@ -262,6 +271,7 @@ class Stream:
         )
 
     def check(self) -> None:
+        assert not self.unexpected, self.unexpected
         for channel in self.channels:
             delivered = self.delivered[channel]
             # Once and in order: strictly increasing.
