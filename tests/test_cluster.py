@@ -128,7 +128,8 @@ def test_a_master_killed_mid_stream(
     victim.proc.wait(timeout=10)  # type: ignore[union-attr]
     victim.proc = None
     wait_for(fresh_cluster.healthy, 30, "the replica's promotion")
-    time.sleep(1.5)
+    wait_for(stream.recovered, 30, "a broadcast to succeed again")
+    time.sleep(1)
     stream.stop()
     recovery = stream.recovery_seconds(killed_at)
     print(f"\nmaster killed ({min_replicas=}, {sharded=}): calls recovered in {recovery:.1f} s")
@@ -139,8 +140,9 @@ def test_a_master_killed_mid_stream(
         # Every acknowledged message was on a replica: the promotion lost none.
         for channel in CHANNELS[:6]:
             stored = [m["content"] for m in log.unspool(channel, 0)]
+            # (A subscriber may still be told to reload: a failover breaks the log's vouching
+            # for older cursors, since without the replica's word nothing says what was lost.)
             assert set(stream.acknowledged[channel]) <= set(stored)
-            assert stream.gaps[channel] == 0
 
 
 def test_the_node_holding_the_subscription_dies(fresh_cluster: Cluster) -> None:
@@ -159,7 +161,8 @@ def test_the_node_holding_the_subscription_dies(fresh_cluster: Cluster) -> None:
     holder.stop()
     holder.proc = None
     wait_for(fresh_cluster.healthy, 30, "the cluster to recover")
-    time.sleep(2)
+    wait_for(stream.recovered, 30, "a broadcast to succeed again")
+    time.sleep(1)
     stream.stop()
     print(f"\nthe subscription's node ({role}) killed; last failures: {stream.failed[-2:]}")
     recovery = stream.recovery_seconds(killed_at)

@@ -160,3 +160,37 @@ def test_every_acknowledged_broadcast_survives_the_masters_death(
         log.close()
     assert len(acknowledged) >= 200 and outcomes, (len(acknowledged), outcomes)
     assert set(acknowledged) <= survived
+
+
+def test_a_message_the_failover_lost_makes_older_cursors_incomplete(
+    master_and_replica: tuple[RedisServer, RedisServer],
+) -> None:
+    # Without min_replicas: a message the master acknowledged but never sent to its replica is
+    # gone once the replica takes over. A client that had not seen it must be told.
+    master, replica = master_and_replica
+    before = replaylog.ReplayLog(master.url)
+    seen = before.broadcast("room", "e", "replicated")
+    epoch = before.replay("room", seen).epoch
+    with replica.client() as client:
+        deadline = time.monotonic() + 10
+        while client.zcard("replay:room") < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    # The replica takes over (its link to the master is gone, as in a partition), while the old
+    # master still acknowledges one more broadcast, then dies.
+    with replica.client() as promoted:
+        promoted.execute_command("REPLICAOF", "NO", "ONE")
+    lost = before.broadcast("room", "e", "acknowledged, never replicated")
+    master.stop()
+    before.close()
+    after = replaylog.ReplayLog(replica.url)
+    fresh = after.broadcast("room", "e", "after the failover")
+    replayed = after.replay("room", seen, epoch=epoch)
+    assert lost not in [m["timestamp"] for m in replayed.messages]
+    assert replayed.complete is False
+    # A cursor from after the failover is vouched for again.
+    assert after.replay("room", fresh).complete is True
+    later = after.broadcast("room", "e", "later")
+    assert [m["timestamp"] for m in after.replay("room", fresh).messages] == [later]
+    # So is a master that writes on: no break without a failover.
+    assert after.replay("room", later).complete is True

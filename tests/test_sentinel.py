@@ -52,6 +52,7 @@ def test_a_failover_mid_stream(group: SentinelGroup, how: str) -> None:
         group.master.stop()
     wait_for(lambda: group.master_port() != old_port, 30, "the sentinels to promote the replica")
     promoted = time.monotonic() - started
+    wait_for(stream.recovered, 30, "a broadcast to succeed again")
     time.sleep(2.5)  # calls re-ask within a second; the hub checks every second
     stream.stop()
     recovery = stream.recovery_seconds(started)

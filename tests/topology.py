@@ -243,6 +243,12 @@ class Stream:
             if message is not None:
                 self.delivered[message["channel"]].append(message["content"])
 
+    def recovered(self) -> bool:
+        """Whether a broadcast succeeded after the last failure."""
+        outcomes = list(self.outcomes)
+        failures = [at for at, ok in outcomes if not ok]
+        return any(ok and at > max(failures, default=0.0) for at, ok in outcomes)
+
     def recovery_seconds(self, since: float) -> float:
         """From `since` to the first acknowledged broadcast after the last failure."""
         assert not self.unexpected, self.unexpected

@@ -9,11 +9,14 @@
 -- (SPUBLISH; the channel then shares the keys' hash tag), else "0".
 -- The shebang makes Redis refuse the whole script up front when it may not write (OOM, replica).
 --
--- Bookkeeping, "base top fresh epoch": `top` is the newest timestamp issued, `base` the first
--- cursor the log vouches for, `fresh` whether it vouches for cursor 0 too, `epoch` the name of
--- this history: the Redis time in µs when it began, so a log deleted and started again within
--- one millisecond still gets a new one. (Bookkeeping written before `epoch` existed has three
--- fields; its epoch is `base`.)
+-- Bookkeeping, "base top fresh epoch writer break": `top` is the newest timestamp issued, `base`
+-- the first cursor the log vouches for, `fresh` whether it vouches for cursor 0 too, `epoch` the
+-- name of this history: the Redis time in µs when it began, so a log deleted and started again
+-- within one millisecond still gets a new one. `writer` is the replication ID of the master
+-- that wrote last; `break` the first timestamp written after a failover from that master (0
+-- for none): what the old master acknowledged last may not have reached the replica that took
+-- over, so no replay from a cursor before `break` is vouched for. (Bookkeeping written before
+-- these fields existed has three or four; its epoch is `base`, its writer unknown.)
 -- `prev` chains each message to the one before, so a replay can tell whether anything
 -- between a cursor and the oldest message left was removed, without any bookkeeping in prune.
 
@@ -29,10 +32,16 @@ end
 local now = redis.call('TIME')
 local timestamp = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 
-local base, top, fresh, epoch
+-- This master, and the one it took over from (a promoted replica's replid2).
+local replication = redis.call('INFO', 'replication')
+local writer = string.match(replication, 'master_replid:(%x+)') or ''
+local taken_over = string.match(replication, 'master_replid2:(%x+)') or ''
+
+local base, top, fresh, epoch, last_writer, broken
 local meta = redis.call('GET', KEYS[2])
 if meta then
-    base, top, fresh, epoch = string.match(meta, '^(%d+) (%d+) (%d) ?(%d*)$')
+    base, top, fresh, epoch, last_writer, broken =
+        string.match(meta, '^(%d+) (%d+) (%d) ?(%d*) ?(%x*) ?(%d*)$')
     top = tonumber(top)
 end
 if not top then
@@ -43,6 +52,14 @@ if not top then
     base = string.format('%d', top or timestamp)
     fresh = top and '0' or '1'
     epoch = now[1] .. string.format('%06d', tonumber(now[2]))
+    last_writer = writer
+    broken = '0'
+end
+if epoch == '' then
+    epoch = base
+end
+if broken == '' then
+    broken = '0'
 end
 
 local message
@@ -68,7 +85,12 @@ end
 -- the log expired can still tell that messages were lost.
 local ttl = tonumber(ARGV[3])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
-redis.call('SET', KEYS[2], string.format('%s %d %s %s', base, timestamp, fresh, epoch),
+-- The first write after a failover from the last writer marks the break (see above).
+if last_writer ~= writer and last_writer ~= '' and last_writer == taken_over then
+    broken = string.format('%d', timestamp)
+end
+redis.call('SET', KEYS[2],
+    string.format('%s %d %s %s %s %s', base, timestamp, fresh, epoch, writer, broken),
     'PX', string.format('%d', ttl * 2))
 if KEYS[3] then
     redis.call('SET', KEYS[3], string.format('%d', timestamp), 'PX', ARGV[5])
