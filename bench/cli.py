@@ -303,10 +303,10 @@ def measure_floors(url: str, admin: redis.Redis, sizes: Sizes) -> dict[str, Any]
     sha = admin.script_load(BROADCAST_LUA.read_text())
     # The arguments replaylog sends (see Peer.broadcast), on one channel.
     head = Peer.head(EVENT_NAME, chat_messages(1)[0]).decode()
-    args = ["2", "replay:bench-ceiling", "replaymeta:bench-ceiling", "mq:bench-ceiling", head]
+    args = [str(key) for key in Peer.script_keys("bench-ceiling")] + ["mq:bench-ceiling", head]
     args += [str(arg) for arg in Peer.tail_for(EXPIRE_MS)]
     ceiling = floors.script_ceiling(url, sha, args, sizes.ceiling_requests)
-    admin.delete("replay:bench-ceiling", "replaymeta:bench-ceiling")
+    admin.delete(*Peer.script_keys("bench-ceiling")[1:])
     return {
         "rtt_p50_us": rtt_us,
         "ping": [asdict(row) for row in rows],

@@ -116,6 +116,17 @@ class Peer:
         return (expire_ms, cls.max_len, cls.idempotency_window_ms)
 
     @staticmethod
+    def script_keys(channel: str) -> tuple[int, str, str, str]:
+        """broadcast.lua's KEYS for a channel, with their count: the log, its bookkeeping and
+        the writing master's mark."""
+        return (
+            3,
+            "replay:" + channel,
+            "replaymeta:" + channel,
+            f"replayonce:{len(channel)}:{channel}",
+        )
+
+    @staticmethod
     def head(event_name: str, content: Any) -> bytes:
         """The message JSON up to the fields the script adds ("prev", "timestamp", "}")."""
         return b"".join(
@@ -130,9 +141,7 @@ class Peer:
 
     def broadcast(self, channel: str, event_name: str, content: Any) -> int:
         args = (
-            2,
-            "replay:" + channel,
-            "replaymeta:" + channel,
+            *self.script_keys(channel),
             "mq:" + channel,
             self.head(event_name, content),
             *self.tail,
@@ -147,9 +156,7 @@ class Peer:
         # Serialize everything first: one bad item raises before anything is sent.
         commands = [
             (
-                2,
-                "replay:" + channel,
-                "replaymeta:" + channel,
+                *self.script_keys(channel),
                 "mq:" + channel,
                 self.head(event_name, content),
                 *self.tail,

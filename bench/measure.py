@@ -256,10 +256,10 @@ class BareBroadcast:
 
     def __init__(self, admin: redis.Redis, contents: list[Any]) -> None:
         sha = admin.script_load(BROADCAST_LUA.read_text())
-        keys = ["replay:bare", "replaymeta:bare", "mq:bare"]
+        keys = [str(key) for key in Peer.script_keys("bare")] + ["mq:bare"]
         tail = [str(arg) for arg in Peer.tail_for(EXPIRE_MS)]
         self.requests = [
-            resp_command(["EVALSHA", sha, "2", *keys, Peer.head(EVENT_NAME, c).decode(), *tail])
+            resp_command(["EVALSHA", sha, *keys, Peer.head(EVENT_NAME, c).decode(), *tail])
             for c in contents
         ]
         self.sent = 0
@@ -411,8 +411,8 @@ def fill_for_prune(admin: redis.Redis, channels: int, per_channel: int) -> int:
         pipe.zadd(f"replay:room-{index}", members)
         # The bookkeeping replaylog's broadcast keeps beside each log.
         newest = max(members.values())
-        # "base top fresh epoch", as src/lua/broadcast.lua writes it.
-        pipe.set(f"replaymeta:room-{index}", f"{min(members.values())} {newest} 1 {now}000")
+        # "base top fresh epoch break", as src/lua/broadcast.lua writes it.
+        pipe.set(f"replaymeta:room-{index}", f"{min(members.values())} {newest} 1 {now}000 0")
         if len(pipe) >= 2000:
             pipe.execute()
     pipe.execute()

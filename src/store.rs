@@ -53,8 +53,11 @@ pub struct ChannelKeys {
     pub pubsub: Vec<u8>,
     /// The log, a sorted set: `replay:<channel>`.
     pub log: Vec<u8>,
-    /// The log's bookkeeping, a string "base top fresh epoch": `replaymeta:<channel>`.
+    /// The log's bookkeeping, a string "base top fresh epoch break": `replaymeta:<channel>`.
     pub meta: Vec<u8>,
+    /// The writing master's mark, never replicated (see broadcast.lua): `replayonce:w:<channel>`,
+    /// beside the idempotency keys, which all go on with a digit there.
+    pub mark: Vec<u8>,
 }
 
 /// Key names. With `cluster_keys`, the channel inside every key is a `{hash tag}`, so all
@@ -90,6 +93,10 @@ impl Layout {
         key
     }
 
+    fn mark_key(&self, channel: &str) -> Vec<u8> {
+        self.key(&format!("{}w:", self.idempotency_prefix), channel)
+    }
+
     pub fn channel_keys(&self, channel: &str) -> ChannelKeys {
         ChannelKeys {
             pubsub: if self.sharded_pubsub {
@@ -99,6 +106,7 @@ impl Layout {
             },
             log: self.key(&self.log_prefix, channel),
             meta: self.key(&self.meta_prefix, channel),
+            mark: self.mark_key(channel),
         }
     }
 
@@ -373,9 +381,10 @@ impl Store {
         let keys = &message.keys;
         let mut cmd = redis::cmd("EVALSHA");
         cmd.arg(self.broadcast_script.get_hash());
+        let [log, meta, mark] = [&keys.log, &keys.meta, &keys.mark];
         match &message.idempotency_key {
-            Some(key) => cmd.arg(3).arg(&keys.log).arg(&keys.meta).arg(key),
-            None => cmd.arg(2).arg(&keys.log).arg(&keys.meta),
+            Some(key) => cmd.arg(4).arg(log).arg(meta).arg(mark).arg(key),
+            None => cmd.arg(3).arg(log).arg(meta).arg(mark),
         };
         cmd.arg(&keys.pubsub)
             .arg(&message.head)
@@ -702,9 +711,10 @@ impl Store {
     pub async fn delete(&self, mut manager: Link, keys: &ChannelKeys) -> RedisResult<i64> {
         let mut cmd = redis::cmd("EVALSHA");
         cmd.arg(self.delete_script.get_hash())
-            .arg(2)
+            .arg(3)
             .arg(&keys.log)
-            .arg(&keys.meta);
+            .arg(&keys.meta)
+            .arg(&keys.mark);
         let replies = run_scripts(&mut manager, &self.delete_script, &[cmd]).await?;
         match replies.as_slice() {
             [Value::Int(count)] => Ok(*count),

@@ -127,14 +127,14 @@ def test_channels_that_would_make_an_empty_hash_tag_still_share_one_slot(
     log = replaylog.ReplayLog(replaylog_url, cluster_keys=True)
     log.broadcast(channel, "e", 1, idempotency_key="k")
     created = rdb.keys("*")
-    assert len(created) == 3
+    assert len(created) == 4  # the log, its bookkeeping, the idempotency key, the mark
     assert len({key_slot(k) for k in created}) == 1, created
 
 
 def test_default_layout_is_the_articles(replay_log: replaylog.ReplayLog, rdb: redis.Redis) -> None:
     replay_log.broadcast("room:1", "e", 1, idempotency_key="k")
     assert sorted(rdb.keys("*")) == sorted(
-        [b"replay:room:1", b"replaymeta:room:1", b"replayonce:6:room:1:k"]
+        [b"replay:room:1", b"replaymeta:room:1", b"replayonce:6:room:1:k", b"replayonce:w:room:1"]
     )
     assert rdb.type("replay:room:1") == b"zset"
 
@@ -145,7 +145,12 @@ def test_cluster_layout_key_names(
     log = replaylog.ReplayLog(replaylog_url, cluster_keys=True)
     ts = log.broadcast("room:1", "e", 1, idempotency_key="k")
     assert sorted(rdb.keys("*")) == sorted(
-        [b"replay:{room:1}", b"replaymeta:{room:1}", b"replayonce:6:{room:1}:k"]
+        [
+            b"replay:{room:1}",
+            b"replaymeta:{room:1}",
+            b"replayonce:6:{room:1}:k",
+            b"replayonce:w:{room:1}",
+        ]
     )
     slots = {key_slot(k) for k in rdb.keys("*")}
     assert slots == {key_slot(b"room:1")}
@@ -180,12 +185,13 @@ def test_every_key_of_a_broadcast_shares_the_log_keys_slot(
         log.broadcast(channel, "e", {"c": channel}, idempotency_key=key)
         log.broadcast(channel, "e", {"c": channel})
     created = set(rdb.keys("*"))
-    # The log, its bookkeeping and the idempotency key: nothing else.
-    assert len(created) == 3
+    # The log, its bookkeeping, the idempotency key and the writing master's mark: nothing else.
+    assert len(created) == 4
     [log_key] = [k for k in created if rdb.type(k) == b"zset"]
     assert log_key.startswith(b"replay:")
     assert sum(k.startswith(b"replaymeta:") for k in created) == 1
-    assert sum(k.startswith(b"replayonce:") for k in created) == 1
+    assert sum(k.startswith(b"replayonce:w:") for k in created) == 1
+    assert sum(k.startswith(b"replayonce:") for k in created) == 2
     assert [m["content"] for m in log.unspool(channel, 0)] == [{"c": channel}] * 2
     slot = key_slot(log_key)
     for created_key in created:

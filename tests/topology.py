@@ -199,8 +199,8 @@ class Stream:
         self.acknowledged: dict[str, list[int]] = {c: [] for c in channels}
         self.failed: list[BaseException] = []
         self.unexpected: list[BaseException] = []
-        #: When each broadcast failed or came back, to measure recovery.
-        self.outcomes: list[tuple[float, bool]] = []
+        #: When each broadcast failed or came back, and on which channel, to measure recovery.
+        self.outcomes: list[tuple[float, bool, str]] = []
         self.delivered: dict[str, list[int]] = {c: [] for c in channels}
         self.gaps: dict[str, int] = {c: 0 for c in channels}
         self.stopped = threading.Event()
@@ -221,13 +221,13 @@ class Stream:
                     self.log.broadcast(channel, "n", number)
                 except replaylog.ReplayLogError as error:
                     self.failed.append(error)
-                    self.outcomes.append((time.monotonic(), False))
+                    self.outcomes.append((time.monotonic(), False, channel))
                 except Exception as error:  # noqa: BLE001 - a bug: recorded, reported by check()
                     self.unexpected.append(error)
                     return
                 else:
                     self.acknowledged[channel].append(number)
-                    self.outcomes.append((time.monotonic(), True))
+                    self.outcomes.append((time.monotonic(), True, channel))
             time.sleep(self.pause)
 
     def _read(self) -> None:
@@ -243,22 +243,22 @@ class Stream:
             if message is not None:
                 self.delivered[message["channel"]].append(message["content"])
 
+    def _recovered_at(self, channel: str, since: float) -> float | None:
+        """When a broadcast to `channel` first succeeded after its last failure."""
+        outcomes = [(at, ok) for at, ok, c in list(self.outcomes) if c == channel and at >= since]
+        last_failure = max((at for at, ok in outcomes if not ok), default=since)
+        return min((at for at, ok in outcomes if ok and at > last_failure), default=None)
+
     def recovered(self) -> bool:
-        """Whether a broadcast succeeded after the last failure."""
-        outcomes = list(self.outcomes)
-        failures = [at for at, ok in outcomes if not ok]
-        return any(ok and at > max(failures, default=0.0) for at, ok in outcomes)
+        """Whether broadcasts to every channel succeed again after their last failure."""
+        return all(self._recovered_at(c, 0.0) is not None for c in self.channels)
 
     def recovery_seconds(self, since: float) -> float:
-        """From `since` to the first acknowledged broadcast after the last failure."""
+        """From `since` until broadcasts to every channel succeeded again."""
         assert not self.unexpected, self.unexpected
-        failures = [at for at, ok in self.outcomes if not ok and at >= since]
-        last_failure = max(failures, default=since)
-        first_ok = min((at for at, ok in self.outcomes if ok and at > last_failure), default=None)
-        assert first_ok is not None, (
-            f"no broadcast succeeded after the last of {len(failures)} failures"
-        )
-        return first_ok - since
+        recovered = [self._recovered_at(c, since) for c in self.channels]
+        assert None not in recovered, f"a channel never recovered: {self.failed[-3:]}"
+        return max(at for at in recovered if at is not None) - since
 
     def stop(self, drain_timeout: float = 30) -> None:
         self.stopped.set()

@@ -1,7 +1,6 @@
 #!lua flags=no-writes
 -- The messages of one log after a cursor, and whether that replay is complete.
--- KEYS[1]: the log. KEYS[2]: its bookkeeping, "base top fresh epoch writer break" (see
--- broadcast.lua).
+-- KEYS[1]: the log. KEYS[2]: its bookkeeping, "base top fresh epoch break" (see broadcast.lua).
 -- ARGV[1]: the exclusive lower bound, e.g. "(1700000000000". ARGV[2]: the cursor as a number.
 -- ARGV[3]: the most messages to return, or -1 for all. ARGV[4]: the epoch the client
 -- last saw, or "" if it has none.
@@ -30,8 +29,7 @@ if not meta then
     return {complete and 1 or 0, messages, '', newest}
 end
 
-local base, top, fresh, epoch, _, broken =
-    string.match(meta, '^(%d+) (%d+) (%d) ?(%d*) ?(%x*) ?(%d*)$')
+local base, top, fresh, epoch, broken = string.match(meta, '^(%d+) (%d+) (%d) ?(%d*) ?(%d*)$')
 if not base then
     return {0, messages, '', false} -- unreadable bookkeeping: nothing can be vouched for
 end
