@@ -110,13 +110,14 @@ pub fn messages_to_python<'a>(
     messages: impl IntoIterator<Item = &'a [u8]>,
     raw: bool,
 ) -> PyResult<(Bound<'_, PyList>, usize)> {
+    let mut decoder = json::Decoder::new(py);
     let mut unreadable = 0;
     let list = PyList::empty(py);
     for message in messages {
         let item = if raw {
             json::raw_str(py, message).map(Bound::into_any)
         } else {
-            json::decode(py, message).or_else(|_| json_loads(py, message))
+            decoder.decode(message).or_else(|_| json_loads(py, message))
         };
         match item {
             Ok(item) => list.append(item)?,

@@ -1,12 +1,13 @@
-//! JSON bytes to Python objects, by jiter (pydantic-core's parser).
+//! JSON bytes to Python objects: jiter reads the JSON, this walk builds the objects.
 //!
-//! `jiter::PythonParse` reads nearly every message. It nests only 200 deep, while the encoder
-//! writes content 1,000 deep inside a message's envelope: a document it refuses is read again
-//! by a walk over jiter's tokens with our own depth limit. What that walk refuses as well (a
-//! lone surrogate escape, which jiter never reads, or text that is not JSON) is an error here;
-//! callers then read the message with `json.loads`, as the article's code would.
+//! jiter (pydantic-core's parser) does the reading: whitespace, strings and their escapes,
+//! numbers, UTF-8. Its `PythonParse` would build the objects as well, but it does not build on
+//! the stable ABI of CPython 3.9 that our wheel targets, and it nests only 200 deep while the
+//! encoder writes content 1,000 deep inside a message's envelope; so we walk jiter's tokens,
+//! with our depth limit and a cache of keys (docs/json.md has the figures). jiter refuses lone
+//! surrogate escapes, which `json.loads` reads: callers read such a message with `json.loads`.
 
-use jiter::{FloatMode, Jiter, JiterError, PartialMode, Peek, PythonParse, StringCacheMode};
+use jiter::{Jiter, JiterError, NumberAny, NumberInt, Peek};
 use pyo3::exceptions::PyValueError;
 use pyo3::ffi;
 use pyo3::prelude::*;
@@ -17,60 +18,93 @@ use super::MAX_DEPTH;
 /// What the decoder reads: the deepest content the encoder accepts, inside a message's envelope.
 const MAX_READ_DEPTH: usize = MAX_DEPTH + 1;
 
-/// Like `json.loads`: `NaN` and `Infinity` read as floats, the last of duplicate keys wins.
-/// Short strings, values too, come from jiter's cache (kept across calls): a log's messages
-/// repeat their keys and many values; caching keys only made `unspool` slower (docs/json.md).
-const PARSE: PythonParse = PythonParse {
-    allow_inf_nan: true,
-    cache_mode: StringCacheMode::All,
-    partial_mode: PartialMode::Off,
-    catch_duplicate_keys: false,
-    float_mode: FloatMode::Float,
-};
-
-/// Parses JSON bytes straight into Python objects.
+/// Parses one JSON document straight into Python objects.
 pub fn decode<'py>(py: Python<'py>, data: &[u8]) -> PyResult<Bound<'py, PyAny>> {
-    PARSE
-        .python_parse(py, data)
-        .or_else(|_| DeepWalk::new(py, data).document())
+    Walk {
+        py,
+        jiter: Jiter::new(data).with_allow_inf_nan(),
+        depth: 0,
+        keys: None,
+    }
+    .document()
 }
 
-/// Reads a document as jiter does, nesting as deep as [`MAX_READ_DEPTH`].
-struct DeepWalk<'j, 'py> {
+/// Parses many JSON documents, sharing jiter's buffer and a cache of object keys between
+/// them: the messages of a log repeat the same keys, and a cached key is also pre-hashed.
+pub struct Decoder<'py> {
+    py: Python<'py>,
+    keys: KeyCache,
+    /// jiter's buffer for strings with escapes.
+    tape: Vec<u8>,
+}
+
+impl<'py> Decoder<'py> {
+    pub fn new(py: Python<'py>) -> Self {
+        Decoder {
+            py,
+            keys: KeyCache::new(),
+            tape: Vec::new(),
+        }
+    }
+
+    pub fn decode(&mut self, data: &[u8]) -> PyResult<Bound<'py, PyAny>> {
+        let mut walk = Walk {
+            py: self.py,
+            jiter: Jiter::with_tape(data, std::mem::take(&mut self.tape)).with_allow_inf_nan(),
+            depth: 0,
+            keys: Some(&mut self.keys),
+        };
+        let value = walk.document();
+        self.tape = walk.jiter.into_tape();
+        value
+    }
+}
+
+struct Walk<'j, 'py, 'k> {
     py: Python<'py>,
     jiter: Jiter<'j>,
     depth: usize,
+    /// Only where many documents share it: making one costs more than one document gains.
+    keys: Option<&'k mut KeyCache>,
 }
 
-impl<'j, 'py> DeepWalk<'j, 'py> {
-    fn new(py: Python<'py>, data: &'j [u8]) -> Self {
-        DeepWalk {
-            py,
-            jiter: Jiter::new(data).with_allow_inf_nan(),
-            depth: 0,
-        }
-    }
-
-    fn document(mut self) -> PyResult<Bound<'py, PyAny>> {
-        let peek = self.jiter.peek().map_err(|e| self.refused(e))?;
+impl<'py> Walk<'_, 'py, '_> {
+    fn document(&mut self) -> PyResult<Bound<'py, PyAny>> {
+        let peek = self.jiter.peek().map_err(refused)?;
         let value = self.value(peek)?;
-        self.jiter.finish().map_err(|e| self.refused(e))?;
+        self.jiter.finish().map_err(refused)?;
         Ok(value)
     }
 
-    fn refused(&self, error: JiterError) -> PyErr {
-        PyValueError::new_err(error.description(&self.jiter))
+    fn value(&mut self, peek: Peek) -> PyResult<Bound<'py, PyAny>> {
+        let py = self.py;
+        match peek {
+            Peek::Array | Peek::Object => self.nested(peek),
+            Peek::String => {
+                let text = self.jiter.known_str().map_err(refused)?;
+                Ok(make_str(py, text)?.into_any())
+            }
+            Peek::Null => {
+                self.jiter.known_null().map_err(refused)?;
+                Ok(py.None().into_bound(py))
+            }
+            Peek::True | Peek::False => {
+                let value = self.jiter.known_bool(peek).map_err(refused)?;
+                Ok(value.into_pyobject(py)?.to_owned().into_any())
+            }
+            // Numbers, NaN and the infinities (json.loads reads them, so old logs may hold them).
+            _ => match self.jiter.known_number(peek).map_err(refused)? {
+                NumberAny::Int(NumberInt::Int(int)) => Ok(int.into_pyobject(py)?.into_any()),
+                NumberAny::Int(NumberInt::BigInt(big)) => Ok(big.into_pyobject(py)?.into_any()),
+                NumberAny::Float(float) => Ok(float.into_pyobject(py)?.into_any()),
+            },
+        }
     }
 
-    fn value(&mut self, peek: Peek) -> PyResult<Bound<'py, PyAny>> {
-        if peek != Peek::Array && peek != Peek::Object {
-            // A scalar: no recursion, so jiter's own reader (and its limit) is fine.
-            let scalar = self.jiter.known_value(peek).map_err(|e| self.refused(e))?;
-            return scalar.into_pyobject(self.py);
-        }
+    fn nested(&mut self, peek: Peek) -> PyResult<Bound<'py, PyAny>> {
         if self.depth >= MAX_READ_DEPTH {
             return Err(PyValueError::new_err(format!(
-                "JSON nested deeper than {MAX_READ_DEPTH} levels at byte {}",
+                "invalid JSON: nested deeper than {MAX_READ_DEPTH} levels at byte {}",
                 self.jiter.current_index()
             )));
         }
@@ -86,10 +120,10 @@ impl<'j, 'py> DeepWalk<'j, 'py> {
 
     fn array(&mut self) -> PyResult<Bound<'py, PyAny>> {
         let list = PyList::empty(self.py);
-        let mut next = self.jiter.known_array().map_err(|e| self.refused(e))?;
+        let mut next = self.jiter.known_array().map_err(refused)?;
         while let Some(peek) = next {
             list.append(self.value(peek)?)?;
-            next = self.jiter.array_step().map_err(|e| self.refused(e))?;
+            next = self.jiter.array_step().map_err(refused)?;
         }
         Ok(list.into_any())
     }
@@ -97,27 +131,99 @@ impl<'j, 'py> DeepWalk<'j, 'py> {
     fn object(&mut self) -> PyResult<Bound<'py, PyAny>> {
         let py = self.py;
         let dict = PyDict::new(py);
-        let first = self.jiter.known_object();
-        let mut key = first
-            .map(|key| key.map(|key| PyString::new(py, key)))
-            .map_err(|e| self.refused(e))?;
+        let mut key = match self.jiter.known_object() {
+            Ok(key) => key
+                .map(|key| key_str(py, self.keys.as_deref_mut(), key))
+                .transpose()?,
+            Err(error) => return Err(refused(error)),
+        };
         while let Some(name) = key {
-            let peek = self.jiter.peek().map_err(|e| self.refused(e))?;
+            let peek = self.jiter.peek().map_err(refused)?;
             dict.set_item(name, self.value(peek)?)?;
-            let next = self.jiter.next_key();
-            key = next
-                .map(|key| key.map(|key| PyString::new(py, key)))
-                .map_err(|e| self.refused(e))?;
+            key = match self.jiter.next_key() {
+                Ok(key) => key
+                    .map(|key| key_str(py, self.keys.as_deref_mut(), key))
+                    .transpose()?,
+                Err(error) => return Err(refused(error)),
+            };
         }
         Ok(dict.into_any())
     }
 }
 
-/// Python strs from stored messages, for `raw=True`.
+fn refused(error: JiterError) -> PyErr {
+    PyValueError::new_err(format!("invalid JSON: {error}"))
+}
+
+fn key_str<'py>(
+    py: Python<'py>,
+    cache: Option<&mut KeyCache>,
+    text: &str,
+) -> PyResult<Bound<'py, PyString>> {
+    match cache {
+        Some(cache) => cache.get(py, text),
+        None => make_str(py, text),
+    }
+}
+
+const KEY_CACHE_SLOTS: usize = 512;
+const CACHED_KEY_MAX: usize = 48;
+
+/// Python strings for short object keys, by their text; a slot holds the latest key that
+/// hashed to it.
+struct KeyCache {
+    slots: Vec<Option<(Box<str>, Py<PyString>)>>,
+}
+
+impl KeyCache {
+    fn new() -> Self {
+        KeyCache {
+            slots: (0..KEY_CACHE_SLOTS).map(|_| None).collect(),
+        }
+    }
+
+    fn get<'py>(&mut self, py: Python<'py>, text: &str) -> PyResult<Bound<'py, PyString>> {
+        if text.len() > CACHED_KEY_MAX {
+            return make_str(py, text);
+        }
+        // FNV-1a: short keys, no need for more.
+        let hash = text.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
+            (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+        });
+        let slot = &mut self.slots[(hash as usize) % KEY_CACHE_SLOTS];
+        if let Some((cached, key)) = slot {
+            if **cached == *text {
+                return Ok(key.bind(py).clone());
+            }
+        }
+        let key = make_str(py, text)?;
+        *slot = Some((text.into(), key.clone().unbind()));
+        Ok(key)
+    }
+}
+
+fn make_str<'py>(py: Python<'py>, text: &str) -> PyResult<Bound<'py, PyString>> {
+    raw_str(py, text.as_bytes())
+}
+
+/// A Python str from UTF-8 bytes: stored messages for `raw=True`, and decoded strings.
 pub fn raw_str<'py>(py: Python<'py>, text: &[u8]) -> PyResult<Bound<'py, PyString>> {
+    // ASCII is copied straight into a compact string; the stable ABI hides that layout.
+    #[cfg(not(feature = "abi3"))]
     if text.is_ascii() {
-        // SAFETY: ASCII, as pystring_ascii_new requires (and so valid UTF-8).
-        return Ok(unsafe { jiter::pystring_ascii_new(py, std::str::from_utf8_unchecked(text)) });
+        // SAFETY: PyUnicode_New returns a new compact ASCII string of `text.len()` bytes (or
+        // NULL with an exception set), which we fill before anyone sees it.
+        unsafe {
+            let ptr = ffi::PyUnicode_New(text.len() as ffi::Py_ssize_t, 127);
+            if !ptr.is_null() {
+                std::ptr::copy_nonoverlapping(
+                    text.as_ptr(),
+                    ffi::PyUnicode_DATA(ptr).cast::<u8>(),
+                    text.len(),
+                );
+            }
+            return Ok(Bound::from_owned_ptr_or_err(py, ptr)?.cast_into_unchecked());
+        }
     }
     // SAFETY: PyUnicode_DecodeUTF8 validates its input and returns a new reference or NULL.
     unsafe {

@@ -7,7 +7,7 @@
 mod decode;
 mod encode;
 
-pub use decode::{decode, raw_str};
+pub use decode::{decode, raw_str, Decoder};
 pub use encode::Encoder;
 
 /// Content nested deeper than this is refused; it matches Python's default recursion limit.
