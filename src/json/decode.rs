@@ -4,8 +4,8 @@
 //! numbers, UTF-8. Its `PythonParse` would build the objects as well, but it does not build on
 //! the stable ABI of CPython 3.9 that our wheel targets, and it nests only 200 deep while the
 //! encoder writes content 1,000 deep inside a message's envelope; so we walk jiter's tokens,
-//! with our depth limit and a cache of keys (docs/json.md has the figures). jiter refuses lone
-//! surrogate escapes, which `json.loads` reads: callers read such a message with `json.loads`.
+//! with our depth limit and a cache of short strings (docs/json.md has the figures). jiter
+//! refuses lone surrogate escapes, which `json.loads` reads: callers then use `json.loads`.
 
 use jiter::{Jiter, JiterError, NumberAny, NumberInt, Peek};
 use pyo3::exceptions::PyValueError;
@@ -24,16 +24,17 @@ pub fn decode<'py>(py: Python<'py>, data: &[u8]) -> PyResult<Bound<'py, PyAny>> 
         py,
         jiter: Jiter::new(data).with_allow_inf_nan(),
         depth: 0,
-        keys: None,
+        strs: None,
     }
     .document()
 }
 
-/// Parses many JSON documents, sharing jiter's buffer and a cache of object keys between
-/// them: the messages of a log repeat the same keys, and a cached key is also pre-hashed.
+/// Parses many JSON documents, sharing jiter's buffer and a cache of short strings between
+/// them: the messages of a log repeat the same keys (a cached key is also pre-hashed) and
+/// many values (a room, a user's name), which then share one str instead of each making one.
 pub struct Decoder<'py> {
     py: Python<'py>,
-    keys: KeyCache,
+    strs: StrCache,
     /// jiter's buffer for strings with escapes.
     tape: Vec<u8>,
 }
@@ -42,7 +43,7 @@ impl<'py> Decoder<'py> {
     pub fn new(py: Python<'py>) -> Self {
         Decoder {
             py,
-            keys: KeyCache::new(),
+            strs: StrCache::new(),
             tape: Vec::new(),
         }
     }
@@ -52,7 +53,7 @@ impl<'py> Decoder<'py> {
             py: self.py,
             jiter: Jiter::with_tape(data, std::mem::take(&mut self.tape)).with_allow_inf_nan(),
             depth: 0,
-            keys: Some(&mut self.keys),
+            strs: Some(&mut self.strs),
         };
         let value = walk.document();
         self.tape = walk.jiter.into_tape();
@@ -65,7 +66,7 @@ struct Walk<'j, 'py, 'k> {
     jiter: Jiter<'j>,
     depth: usize,
     /// Only where many documents share it: making one costs more than one document gains.
-    keys: Option<&'k mut KeyCache>,
+    strs: Option<&'k mut StrCache>,
 }
 
 impl<'py> Walk<'_, 'py, '_> {
@@ -82,7 +83,7 @@ impl<'py> Walk<'_, 'py, '_> {
             Peek::Array | Peek::Object => self.nested(peek),
             Peek::String => {
                 let text = self.jiter.known_str().map_err(refused)?;
-                Ok(make_str(py, text)?.into_any())
+                Ok(cached_str(py, self.strs.as_deref_mut(), text)?.into_any())
             }
             Peek::Null => {
                 self.jiter.known_null().map_err(refused)?;
@@ -133,7 +134,7 @@ impl<'py> Walk<'_, 'py, '_> {
         let dict = PyDict::new(py);
         let mut key = match self.jiter.known_object() {
             Ok(key) => key
-                .map(|key| key_str(py, self.keys.as_deref_mut(), key))
+                .map(|key| cached_str(py, self.strs.as_deref_mut(), key))
                 .transpose()?,
             Err(error) => return Err(refused(error)),
         };
@@ -142,7 +143,7 @@ impl<'py> Walk<'_, 'py, '_> {
             dict.set_item(name, self.value(peek)?)?;
             key = match self.jiter.next_key() {
                 Ok(key) => key
-                    .map(|key| key_str(py, self.keys.as_deref_mut(), key))
+                    .map(|key| cached_str(py, self.strs.as_deref_mut(), key))
                     .transpose()?,
                 Err(error) => return Err(refused(error)),
             };
@@ -155,9 +156,9 @@ fn refused(error: JiterError) -> PyErr {
     PyValueError::new_err(format!("invalid JSON: {error}"))
 }
 
-fn key_str<'py>(
+fn cached_str<'py>(
     py: Python<'py>,
-    cache: Option<&mut KeyCache>,
+    cache: Option<&mut StrCache>,
     text: &str,
 ) -> PyResult<Bound<'py, PyString>> {
     match cache {
@@ -166,31 +167,31 @@ fn key_str<'py>(
     }
 }
 
-const KEY_CACHE_SLOTS: usize = 512;
-const CACHED_KEY_MAX: usize = 48;
+const CACHE_SLOTS: usize = 512;
+const CACHED_STR_MAX: usize = 48;
 
-/// Python strings for short object keys, by their text; a slot holds the latest key that
-/// hashed to it.
-struct KeyCache {
+/// Python strs for short strings, keys and values, by their text; a slot holds the latest
+/// str that hashed to it.
+struct StrCache {
     slots: Vec<Option<(Box<str>, Py<PyString>)>>,
 }
 
-impl KeyCache {
+impl StrCache {
     fn new() -> Self {
-        KeyCache {
-            slots: (0..KEY_CACHE_SLOTS).map(|_| None).collect(),
+        StrCache {
+            slots: (0..CACHE_SLOTS).map(|_| None).collect(),
         }
     }
 
     fn get<'py>(&mut self, py: Python<'py>, text: &str) -> PyResult<Bound<'py, PyString>> {
-        if text.len() > CACHED_KEY_MAX {
+        if text.len() > CACHED_STR_MAX {
             return make_str(py, text);
         }
-        // FNV-1a: short keys, no need for more.
+        // FNV-1a: short strings, no need for more.
         let hash = text.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
             (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
         });
-        let slot = &mut self.slots[(hash as usize) % KEY_CACHE_SLOTS];
+        let slot = &mut self.slots[(hash as usize) % CACHE_SLOTS];
         if let Some((cached, key)) = slot {
             if **cached == *text {
                 return Ok(key.bind(py).clone());
