@@ -876,13 +876,11 @@ fn encode_json<'py>(
     Ok(PyBytes::new(py, &encoder.out))
 }
 
-/// Parses JSON as `unspool` does, `json.loads` reading what ours refuses (tests compare it
-/// with `json.loads`).
+/// Parses JSON as `unspool` does (tests compare it with `json.loads`).
 #[pyfunction]
 fn decode_json<'py>(py: Python<'py>, data: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
-    let read = |bytes: &[u8]| json::decode(py, bytes).or_else(|_| json_loads(py, bytes));
     if let Ok(text) = data.cast::<PyString>() {
-        return read(text.to_cow()?.as_bytes());
+        return json::decode(py, text.to_cow()?.as_bytes());
     }
     let bytes = data.cast::<PyBytes>().map_err(|_| {
         PyTypeError::new_err(format!(
@@ -890,7 +888,7 @@ fn decode_json<'py>(py: Python<'py>, data: &Bound<'py, PyAny>) -> PyResult<Bound
             type_name(data)
         ))
     })?;
-    read(bytes.as_bytes())
+    json::decode(py, bytes.as_bytes())
 }
 
 #[pymodule]
