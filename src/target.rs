@@ -34,6 +34,8 @@ impl Target {
             Some((base @ ("redis" | "rediss"), mode @ ("cluster" | "sentinel"))) => (base, mode),
             _ => return url.into_connection_info().map(Target::Single),
         };
+        // A fragment (`#insecure`) follows the query; it goes back on each node's URL.
+        let (rest, fragment) = rest.split_once('#').unwrap_or((rest, ""));
         let (location, query) = rest.split_once('?').unwrap_or((rest, ""));
         let mut extra_addresses = Vec::new();
         let mut master_name = None;
@@ -54,6 +56,10 @@ impl Target {
         if !kept.is_empty() {
             first.push('?');
             first.push_str(&kept.join("&"));
+        }
+        if !fragment.is_empty() {
+            first.push('#');
+            first.push_str(fragment);
         }
         let first = first.as_str().into_connection_info()?;
         let mut nodes = vec![first.clone()];
@@ -214,6 +220,19 @@ mod tests {
         assert!(sentinels
             .iter()
             .all(|s| s.redis_settings().password() == Some("sp") && s.redis_settings().db() == 0));
+    }
+
+    #[test]
+    fn a_fragment_after_the_query_applies_to_every_node() {
+        let Ok(Target::Cluster(nodes)) =
+            Target::parse("rediss+cluster://a:7000?addr=b:7001#insecure")
+        else {
+            panic!("not a cluster")
+        };
+        assert!(nodes
+            .iter()
+            .all(|node| matches!(node.addr(), ConnectionAddr::TcpTls { insecure: true, .. })));
+        assert_eq!(address(&nodes[1]), ("b".into(), 7001));
     }
 
     #[test]

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import redis
 from conftest import RedisServer
+from topology import REDIS_CLI, cluster_port, wait_for
 
 import replaylog
 
@@ -23,8 +24,15 @@ OPENSSL = shutil.which("openssl") or "/usr/bin/openssl"
 class TlsRedis(RedisServer):
     """A dedicated redis-server that speaks only TLS on its port, with a self-signed cert."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(
+        self, workdir: Path, *extra: str, port: int | None = None, sharing: TlsRedis | None = None
+    ) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
+        self.extra = list(extra)
+        if sharing is not None:  # one certificate for a cluster, whose nodes check each other's
+            self.cert, self.key = sharing.cert, sharing.key
+            super().__init__(workdir, port=port)
+            return
         self.cert = workdir / "cert.pem"
         self.key = workdir / "key.pem"
         subprocess.run(
@@ -48,7 +56,7 @@ class TlsRedis(RedisServer):
             capture_output=True,
             timeout=60,
         )
-        super().__init__(workdir)
+        super().__init__(workdir, port=port)
 
     def start(self) -> None:
         # Later options win: the plain port is turned off and ours serves TLS.
@@ -65,6 +73,7 @@ class TlsRedis(RedisServer):
             str(self.cert),
             "--tls-auth-clients",
             "no",
+            *self.extra,
         ]
         super().start()
 
@@ -123,3 +132,46 @@ def test_plain_redis_url_to_the_tls_port_fails_within_the_timeout(tls_redis: Tls
         log.close()
     with tls_redis.client() as c:
         assert c.exists("replay:plain") == 0
+
+
+def test_rediss_cluster_urls_reach_a_tls_cluster(tmp_path: Path) -> None:
+    cluster = ["--cluster-enabled", "yes", "--tls-cluster", "yes"]
+    first = TlsRedis(tmp_path / "n0", *cluster, port=cluster_port())
+    nodes = [first] + [
+        TlsRedis(tmp_path / f"n{i}", *cluster, port=cluster_port(), sharing=first) for i in (1, 2)
+    ]
+    try:
+        subprocess.run(
+            [REDIS_CLI, "--tls", "--insecure", "--cluster", "create"]
+            + [f"127.0.0.1:{node.port}" for node in nodes]
+            + ["--cluster-replicas", "0", "--cluster-yes"],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+
+        def ready() -> bool:
+            for node in nodes:
+                with node.client() as c:
+                    if b"cluster_state:ok" not in c.execute_command("CLUSTER", "INFO"):
+                        return False
+            return True
+
+        wait_for(ready, 30, "the TLS cluster")
+        url = f"rediss+cluster://127.0.0.1:{first.port}?addr=127.0.0.1:{nodes[1].port}#insecure"
+        log = replaylog.ReplayLog(url)
+        channels = [f"room-{i}" for i in range(12)]
+        with log.subscribe(channels[:1]) as sub:
+            stamps = {c: log.broadcast(c, "e", c) for c in channels}
+            assert sub.get(timeout=10)["timestamp"] == stamps[channels[0]]
+        assert {
+            c: [m["content"] for m in ms]
+            for c, ms in log.unspool_many({c: 0 for c in channels}).items()
+        } == {c: [c] for c in channels}
+        # Over TLS to every master: each holds some of the logs.
+        for node in nodes:
+            with node.client() as c:
+                assert c.dbsize() > 0
+    finally:
+        for node in nodes:
+            node.stop()
