@@ -35,7 +35,7 @@ use convert::{
 use errors::{python_error, Failure};
 use hub::Membership;
 use json::Encoder;
-use store::{Broadcasted, Layout, Limits, Outgoing, ReplayRequest, Store, Uses};
+use store::{Broadcasted, Layout, Limits, Outgoing, ReplayRequest, Store};
 use subscription::{message_prev, message_timestamp, Delivery, Next, Request, Subscription};
 
 /// `(loop, future)`: run asynchronously and resolve `future` on `loop` with the result.
@@ -128,9 +128,8 @@ impl NativeLog {
         self.dispatch(
             py,
             "broadcast",
-            Uses::Regular,
             aio,
-            move |store, _, manager| async move { store.broadcast(manager, &[message]).await },
+            move |store, manager| async move { store.broadcast(manager, &[message]).await },
             move |py, broadcasted| {
                 let timestamps = replicated(py, broadcasted, wanted)?;
                 Ok(timestamps[0].into_pyobject(py)?.into_any().unbind())
@@ -159,9 +158,8 @@ impl NativeLog {
         self.dispatch(
             py,
             "broadcast_many",
-            Uses::Regular,
             aio,
-            move |store, _, manager| async move { store.broadcast(manager, &messages).await },
+            move |store, manager| async move { store.broadcast(manager, &messages).await },
             move |py, broadcasted| {
                 let timestamps = replicated(py, broadcasted, wanted)?;
                 Ok(timestamps.into_pyobject(py)?.into_any().unbind())
@@ -185,13 +183,11 @@ impl NativeLog {
             parse_since(since)?,
         );
         let limit = parse_limit(limit)?;
-        self.dispatch(
+        self.run(
             py,
-            "unspool",
-            Uses::BulkFirst,
             aio,
-            move |store, flavor, manager| async move {
-                store.unspool(flavor, manager, &[request], limit).await
+            move |store, flavor| async move {
+                store.unspool(flavor, "unspool", &[request], limit).await
             },
             move |py, replies| {
                 let messages = replies.arrays().next().into_iter().flatten();
@@ -222,13 +218,13 @@ impl NativeLog {
             channels.push(channel.unbind());
         }
         let limit = parse_limit(limit)?;
-        self.dispatch(
+        self.run(
             py,
-            "unspool_many",
-            Uses::BulkFirst,
             aio,
-            move |store, flavor, manager| async move {
-                store.unspool(flavor, manager, &requests, limit).await
+            move |store, flavor| async move {
+                store
+                    .unspool(flavor, "unspool_many", &requests, limit)
+                    .await
             },
             move |py, replies| {
                 let result = PyDict::new(py);
@@ -262,9 +258,8 @@ impl NativeLog {
         self.dispatch(
             py,
             "replay",
-            Uses::Regular,
             aio,
-            move |store, _, manager| async move { store.replay(manager, &[request], limit).await },
+            move |store, manager| async move { store.replay(manager, &[request], limit).await },
             move |py, mut replays| {
                 let replayed = replays.pop().unwrap_or_default();
                 let epoch = (!replayed.epoch.is_empty()).then_some(replayed.epoch);
@@ -293,9 +288,8 @@ impl NativeLog {
         self.dispatch(
             py,
             store::PRUNE,
-            Uses::Regular,
             aio,
-            move |store, _, manager| async move {
+            move |store, manager| async move {
                 store.prune(manager, expire_ms, channels.as_deref()).await
             },
             |py, removed| Ok(removed.into_pyobject(py)?.into_any().unbind()),
@@ -315,9 +309,8 @@ impl NativeLog {
         self.dispatch(
             py,
             "prune_replay_logs",
-            Uses::Regular,
             aio,
-            move |store, _, manager| async move { store.prune_log(manager, &keys, expire_ms).await },
+            move |store, manager| async move { store.prune_log(manager, &keys, expire_ms).await },
             |py, removed| Ok(removed.into_pyobject(py)?.into_any().unbind()),
         )
     }
@@ -334,9 +327,8 @@ impl NativeLog {
         self.dispatch(
             py,
             "delete_log",
-            Uses::Regular,
             aio,
-            move |store, _, manager| async move { store.delete(manager, &keys).await },
+            move |store, manager| async move { store.delete(manager, &keys).await },
             |py, count| Ok(count.into_pyobject(py)?.into_any().unbind()),
         )
     }
@@ -355,9 +347,8 @@ impl NativeLog {
         self.dispatch(
             py,
             "scan_logs",
-            Uses::Regular,
             None,
-            move |store, _, manager| async move {
+            move |store, manager| async move {
                 store
                     .scan_logs(manager, cursor, channels.as_deref(), expire_ms, dry_run)
                     .await
@@ -498,37 +489,55 @@ impl NativeLog {
         })
     }
 
-    /// Runs a Redis operation prepared under the GIL: without `aio`, now, with the GIL
-    /// released; with it, on the runtime, resolving the asyncio future when done.
+    /// Runs `operation` on the log's regular connection (see `Store::call`) as `run` does.
     fn dispatch<T, F, Fut, C>(
         &self,
         py: Python<'_>,
         what: &'static str,
-        uses: Uses,
         aio: Aio<'_>,
         operation: F,
         convert: C,
     ) -> PyResult<Py<PyAny>>
     where
         T: Send + 'static,
-        F: FnOnce(Arc<Store>, Flavor, Link) -> Fut + Send + 'static,
+        F: FnOnce(Arc<Store>, Link) -> Fut + Send + 'static,
         Fut: Future<Output = RedisResult<T>> + Send + 'static,
         C: FnOnce(Python<'_>, T) -> PyResult<Py<PyAny>> + Send + 'static,
     {
-        let store = self.store.clone();
+        self.run(
+            py,
+            aio,
+            move |store, flavor| async move {
+                let owner = store.clone();
+                owner
+                    .call(flavor, what, |link| operation(store, link))
+                    .await
+            },
+            convert,
+        )
+    }
+
+    /// Runs work prepared under the GIL: without `aio`, now, with the GIL released; with it,
+    /// on the runtime, resolving the asyncio future when done.
+    fn run<T, W, Fut, C>(
+        &self,
+        py: Python<'_>,
+        aio: Aio<'_>,
+        work: W,
+        convert: C,
+    ) -> PyResult<Py<PyAny>>
+    where
+        T: Send + 'static,
+        W: FnOnce(Arc<Store>, Flavor) -> Fut,
+        Fut: Future<Output = Result<T, Failure>> + Send + 'static,
+        C: FnOnce(Python<'_>, T) -> PyResult<Py<PyAny>> + Send + 'static,
+    {
         let flavor = if aio.is_some() {
             Flavor::Background
         } else {
             Flavor::Calling
         };
-        let work = async move {
-            let owner = store.clone();
-            owner
-                .call(flavor, what, uses, |manager| {
-                    operation(store, flavor, manager)
-                })
-                .await
-        };
+        let work = work(self.store.clone(), flavor);
         match aio {
             None => {
                 let polled = connection::busy_poll(work, self.store.connection());

@@ -24,7 +24,7 @@ use tokio::time::Instant;
 use crate::connection::Flavor;
 use crate::errors::Failure;
 use crate::hub::{Event, Membership, Queue, QUEUED_MESSAGES};
-use crate::store::{ChannelKeys, ReplayRequest, Since, Store, Uses};
+use crate::store::{ChannelKeys, ReplayRequest, Since, Store};
 
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(1);
 const FIRST_RETRY_DELAY: Duration = Duration::from_millis(20);
@@ -274,7 +274,7 @@ impl Subscription {
             .collect();
         let store = self.store.clone();
         let replays = store
-            .call(Flavor::Background, "subscribe", Uses::Regular, |manager| {
+            .call(Flavor::Background, "subscribe", |manager| {
                 store.replay(manager, &requests, Some(CATCH_UP_PAGE))
             })
             .await?;
