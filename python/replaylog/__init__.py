@@ -29,6 +29,7 @@ from ._errors import (
 )
 from ._native import NativeLog, shutdown
 from ._paging import Replay
+from ._settings import Settings
 from ._subscription import AsyncSubscription, Position, Since, Subscription, subscription_requests
 
 if TYPE_CHECKING:
@@ -109,108 +110,117 @@ class ReplayLog:
         sharded_pubsub: bool | None = None,
         default: Default = None,
     ) -> None:
-        resolve = _settings.resolve
-        self._url = resolve("REPLAYLOG_URL", url, _settings.as_url)
-        self._expire_ms = (
-            None if expire_ms is None else _settings.as_expire_ms("expire_ms", expire_ms)
+        self._settings = Settings.resolve(
+            url,
+            expire_ms=expire_ms,
+            connect_timeout=connect_timeout,
+            response_timeout=response_timeout,
+            busy_poll_us=busy_poll_us,
+            channel_prefix=channel_prefix,
+            log_prefix=log_prefix,
+            meta_prefix=meta_prefix,
+            idempotency_prefix=idempotency_prefix,
+            max_len=max_len,
+            cluster_keys=cluster_keys,
+            idempotency_window_ms=idempotency_window_ms,
+            subscription_buffer_bytes=subscription_buffer_bytes,
+            replay_limit=replay_limit,
+            min_replicas=min_replicas,
+            replica_timeout=replica_timeout,
+            sharded_pubsub=sharded_pubsub,
         )
-        self.connect_timeout: float = resolve(
-            "REPLAYLOG_CONNECT_TIMEOUT", connect_timeout, _settings.as_seconds
-        )
-        self.response_timeout: float = resolve(
-            "REPLAYLOG_RESPONSE_TIMEOUT", response_timeout, _settings.as_seconds
-        )
-        # A synchronous call alone in its process polls this long for the reply before it
-        # sleeps: a latency option that spends CPU to skip the OS wake-up (off by default).
-        self.busy_poll_us: int = resolve(
-            "REPLAYLOG_BUSY_POLL_US", busy_poll_us, _settings.as_busy_poll_us
-        )
-        self.channel_prefix: str = resolve(
-            "REPLAYLOG_CHANNEL_PREFIX", channel_prefix, _settings.as_prefix
-        )
-        self.log_prefix: str = resolve("REPLAYLOG_LOG_PREFIX", log_prefix, _settings.as_prefix)
-        self.meta_prefix: str = resolve("REPLAYLOG_META_PREFIX", meta_prefix, _settings.as_prefix)
-        self.idempotency_prefix: str = resolve(
-            "REPLAYLOG_IDEMPOTENCY_PREFIX", idempotency_prefix, _settings.as_prefix
-        )
-        self.max_len: int = resolve("REPLAYLOG_MAX_LEN", max_len, _settings.as_max_len)
-        self.cluster_keys: bool = resolve("REPLAYLOG_CLUSTER_KEYS", cluster_keys, _settings.as_bool)
-        # SPUBLISH/SSUBSCRIBE on a cluster: each message goes to its channel's shard only.
-        self.sharded_pubsub: bool = resolve(
-            "REPLAYLOG_SHARDED_PUBSUB", sharded_pubsub, _settings.as_bool
-        )
-        if _settings.is_cluster_url(self._url):
-            # A cluster runs each script on one slot: every key of a channel carries its tag.
-            if cluster_keys is False:
-                raise ConfigurationError("a redis+cluster:// URL needs cluster_keys")
-            self.cluster_keys = True
-        elif self.sharded_pubsub:
-            raise ConfigurationError("sharded_pubsub needs a redis+cluster:// URL")
-        self.idempotency_window_ms: int = resolve(
-            "REPLAYLOG_IDEMPOTENCY_WINDOW_MS", idempotency_window_ms, _settings.as_expire_ms
-        )
-        # A subscription whose consumer lags holds at most this much (and 10,000 messages),
-        # then lets go of its connection and reads the log once the consumer catches up.
-        self.subscription_buffer_bytes: int = resolve(
-            "REPLAYLOG_SUBSCRIPTION_BUFFER_BYTES",
-            subscription_buffer_bytes,
-            _settings.as_positive_int,
-        )
-        self.replay_limit: int = resolve(
-            "REPLAYLOG_REPLAY_LIMIT", replay_limit, _settings.as_positive_int
-        )
-        # A broadcast returns once this many replicas hold it (WAIT), so that a failover
-        # cannot lose it; else it raises ReplicationError after replica_timeout seconds.
-        self.min_replicas: int = resolve(
-            "REPLAYLOG_MIN_REPLICAS", min_replicas, _settings.as_min_replicas
-        )
-        self.replica_timeout: float = resolve(
-            "REPLAYLOG_REPLICA_TIMEOUT", replica_timeout, _settings.as_seconds
-        )
-        if self.min_replicas and self.replica_timeout >= self.response_timeout:
-            raise ConfigurationError(
-                "replica_timeout must be shorter than response_timeout: the WAIT for replicas "
-                "is one request"
-            )
-        if self.log_prefix == self.meta_prefix or self.log_prefix == self.idempotency_prefix:
-            raise ConfigurationError(
-                "log_prefix must differ from meta_prefix and idempotency_prefix"
-            )
         if default is not None and not callable(default):
             raise TypeError(f"default must be callable, got {type(default).__name__}")
+        # Read at each broadcast, so it may be replaced; the settings may not.
         self.default = default
-        self._native = NativeLog(
-            self._url,
-            _settings.mask_url(self._url),
-            connect_timeout=self.connect_timeout,
-            response_timeout=self.response_timeout,
-            busy_poll_us=self.busy_poll_us,
-            subscription_buffer_bytes=self.subscription_buffer_bytes,
-            sharded_pubsub=self.sharded_pubsub,
-            channel_prefix=self.channel_prefix,
-            log_prefix=self.log_prefix,
-            meta_prefix=self.meta_prefix,
-            idempotency_prefix=self.idempotency_prefix,
-            cluster_keys=self.cluster_keys,
-            # Each log key lives this long after its last message.
-            expire_ms=self.expire_ms,
-            max_len=self.max_len,
-            idempotency_window_ms=self.idempotency_window_ms,
-            min_replicas=self.min_replicas,
-            replica_timeout_ms=int(self.replica_timeout * 1000),
-        )
+        self._native = NativeLog(self._settings)
 
     @property
     def url(self) -> str:
         """The Redis URL, with any password masked."""
-        return _settings.mask_url(self._url)
+        return self._settings.masked_url
 
     @property
     def expire_ms(self) -> int:
         """How old, in milliseconds, an entry may get before ``prune_replay_logs`` removes it."""
-        if self._expire_ms is not None:
-            return self._expire_ms
-        return _settings.resolve("EXPIRE_REPLAY_LOGS_MS", None, _settings.as_expire_ms)
+        if self._settings.expire_ms_from_setting:
+            return _settings.resolve("EXPIRE_REPLAY_LOGS_MS", None, _settings.as_expire_ms)
+        return self._settings.expire_ms
+
+    @property
+    def connect_timeout(self) -> float:
+        """Seconds to connect and log in to Redis."""
+        return self._settings.connect_timeout
+
+    @property
+    def response_timeout(self) -> float:
+        """Seconds a request waits for its reply."""
+        return self._settings.response_timeout
+
+    @property
+    def busy_poll_us(self) -> int:
+        """Microseconds a lone synchronous call polls for its reply before it sleeps."""
+        return self._settings.busy_poll_us
+
+    @property
+    def channel_prefix(self) -> str:
+        """The prefix of the pub/sub channels: ``mq:``."""
+        return self._settings.channel_prefix
+
+    @property
+    def log_prefix(self) -> str:
+        """The prefix of the logs' keys: ``replay:``."""
+        return self._settings.log_prefix
+
+    @property
+    def meta_prefix(self) -> str:
+        """The prefix of the logs' bookkeeping keys: ``replaymeta:``."""
+        return self._settings.meta_prefix
+
+    @property
+    def idempotency_prefix(self) -> str:
+        """The prefix of the idempotency keys: ``replayonce:``."""
+        return self._settings.idempotency_prefix
+
+    @property
+    def max_len(self) -> int:
+        """The most entries a log keeps; 0: no cap."""
+        return self._settings.max_len
+
+    @property
+    def cluster_keys(self) -> bool:
+        """Whether each key carries its channel as a Redis Cluster hash tag."""
+        return self._settings.cluster_keys
+
+    @property
+    def sharded_pubsub(self) -> bool:
+        """Whether a cluster publishes with SPUBLISH (each message to its shard)."""
+        return self._settings.sharded_pubsub
+
+    @property
+    def idempotency_window_ms(self) -> int:
+        """How long, in ms, a broadcast's idempotency key is remembered."""
+        return self._settings.idempotency_window_ms
+
+    @property
+    def subscription_buffer_bytes(self) -> int:
+        """The most bytes a subscription holds for a consumer that lags."""
+        return self._settings.subscription_buffer_bytes
+
+    @property
+    def replay_limit(self) -> int:
+        """The most messages an unspool or replay returns when given no limit."""
+        return self._settings.replay_limit
+
+    @property
+    def min_replicas(self) -> int:
+        """Replicas that must hold a broadcast before it returns; 0: none awaited."""
+        return self._settings.min_replicas
+
+    @property
+    def replica_timeout(self) -> float:
+        """Seconds a broadcast waits for ``min_replicas``."""
+        return self._settings.replica_timeout
 
     def __repr__(self) -> str:
         return (
