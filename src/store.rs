@@ -53,7 +53,7 @@ pub struct ChannelKeys {
     pub pubsub: Vec<u8>,
     /// The log, a sorted set: `replay:<channel>`.
     pub log: Vec<u8>,
-    /// The log's bookkeeping, a string "base top fresh epoch": `replaymeta:<channel>`.
+    /// The log's bookkeeping (defined in `lua/broadcast.lua`): `replaymeta:<channel>`.
     pub meta: Vec<u8>,
 }
 

@@ -1,8 +1,11 @@
 #!lua
--- Delete one channel's log and its bookkeeping, atomically.
--- KEYS[1]: the log. KEYS[2]: its bookkeeping (see broadcast.lua).
+-- Delete one channel's log and its bookkeeping (see broadcast.lua), atomically.
 -- Returns how many messages the log held. Without bookkeeping, a replay from any cursor but 0
 -- reports itself incomplete, and the next broadcast starts a new history (a new epoch).
-local count = redis.call('ZCARD', KEYS[1])
-redis.call('DEL', KEYS[1], KEYS[2])
+
+local log_key = KEYS[1]
+local meta_key = KEYS[2]
+
+local count = redis.call('ZCARD', log_key)
+redis.call('DEL', log_key, meta_key)
 return count
