@@ -11,6 +11,7 @@ mod errors;
 mod hub;
 mod json;
 mod link;
+mod message;
 mod native_log;
 mod native_subscription;
 mod process_local;

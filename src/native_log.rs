@@ -17,8 +17,8 @@ use crate::convert::{
     channel_str, messages_to_python, parse_limit, parse_since, triple, type_name,
 };
 use crate::errors::{python_error, Failure};
-use crate::json::Encoder;
 use crate::link::Link;
+use crate::message;
 use crate::native_subscription::NativeSubscription;
 use crate::seconds;
 use crate::store::{self, Broadcasted, Layout, Limits, Outgoing, ReplayRequest, Store};
@@ -455,14 +455,9 @@ impl NativeLog {
                 Some(self.store.layout.idempotency_key(&channel, &key.to_cow()?))
             }
         };
-        let mut encoder = Encoder::new(default, Vec::with_capacity(256));
-        encoder.out.extend_from_slice(b"{\"event_name\":");
-        encoder.write(event_name.as_any())?;
-        encoder.out.extend_from_slice(b",\"content\":");
-        encoder.write(content)?;
         Ok(Outgoing {
             keys: self.store.layout.channel_keys(&channel),
-            head: encoder.out,
+            head: message::head(event_name, content, default)?,
             idempotency_key,
         })
     }

@@ -16,9 +16,10 @@ use crate::convert::{is_unreadable, json_loads, log_unreadable};
 use crate::errors::{python_error, Failure};
 use crate::hub::Membership;
 use crate::json;
+use crate::message;
 use crate::seconds_or_zero;
 use crate::store::Store;
-use crate::subscription::{message_prev, message_timestamp, Delivery, Next, Request, Subscription};
+use crate::subscription::{Delivery, Next, Request, Subscription};
 
 /// A live subscription; `replaylog.Subscription` wraps it.
 #[pyclass(module = "replaylog._native", frozen)]
@@ -252,11 +253,11 @@ fn delivery_to_python(
                 // meant for this consumer: losing it is a hole, never a silent skip.
                 Err(error) if is_unreadable(py, &error) => {
                     log_unreadable(py, &payload, &error)?;
-                    let since = message_prev(&payload)
-                        .or_else(|| message_timestamp(&payload).map(|ts| ts - 1))
+                    let since = message::prev(&payload)
+                        .or_else(|| message::timestamp(&payload).map(|ts| ts - 1))
                         .unwrap_or(0);
                     // The stream goes on after it, in the same history.
-                    let resume = message_timestamp(&payload);
+                    let resume = message::timestamp(&payload);
                     return Err(incomplete_replay(py, &names[channel], since, resume, None));
                 }
                 Err(error) => return Err(error),

@@ -40,7 +40,7 @@ pub const PRUNE: &str = "prune_replay_logs";
 /// One message, serialized and ready to send.
 pub struct Outgoing {
     pub keys: ChannelKeys,
-    /// The message JSON up to the fields the script adds: `{"event_name":..,"content":..`.
+    /// The message up to the tail the script adds (see `message.rs`).
     pub head: Vec<u8>,
     /// Set for a publish that may be retried: a repeat within the window is a no-op.
     pub idempotency_key: Option<Vec<u8>>,
