@@ -29,6 +29,8 @@ class ReplayLog:
     ``REPLAYLOG_SUBSCRIPTION_BUFFER_BYTES`` and ``REPLAYLOG_REPLAY_LIMIT``
     (see the README).
     ``expire_ms`` left as ``None`` is looked up again at each prune, so a changed setting counts.
+    The settings are resolved once, into a frozen :class:`~replaylog._settings.Settings`, and
+    read back as read-only attributes; only ``default`` may be replaced.
     """
 
     def __init__(
