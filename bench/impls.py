@@ -128,7 +128,8 @@ class Peer:
 
     @staticmethod
     def head(event_name: str, content: Any) -> bytes:
-        """The message JSON up to the fields the script adds ("prev", "timestamp", "}")."""
+        """The message's head, as src/message.rs (the format's one definition) makes it; the
+        broadcast script adds the tail."""
         return b"".join(
             (b'{"event_name":', orjson.dumps(event_name), b',"content":', orjson.dumps(content))
         )

@@ -13,6 +13,9 @@ use crate::connection::{runtime, Flavor};
 use crate::errors::Failure;
 use crate::process_local::ProcessLocal;
 
+/// `(loop, future)`: run asynchronously and resolve `future` on `loop` with the result.
+pub type Aio<'py> = Option<(Bound<'py, PyAny>, Bound<'py, PyAny>)>;
+
 /// Stops the work of an awaited call whose task was cancelled: what has not reached Redis
 /// yet (still connecting, say) never does. What was sent may still run: the outcome of a
 /// cancelled write is unknown, and a retry with its idempotency key is the safe answer.

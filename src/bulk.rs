@@ -1,21 +1,29 @@
-//! A lean connection for unspool's replies: thousands of bulk strings each.
+//! Unspool's bulk path: a lean connection for replies of thousands of bulk strings each, its
+//! pool, and the one entry point, [`BulkPath::read_or`], that falls back to the regular
+//! connection.
 //!
 //! redis-rs parses every bulk string of a reply into a `Vec` of its own and reads the socket
 //! 8 KB at a time; at 10,000 messages that is most of an unspool's client time (see
 //! `bench/README.md`). This connection sends the same pipelined `ZRANGEBYSCORE`s over RESP2,
 //! reads the replies into one buffer with large reads, and hands out slices of it.
 //!
-//! It only ever runs read-only commands, so whenever it meets anything unusual (an error
-//! reply, a dropped connection, a TLS URL) the caller runs the request again on the regular
-//! connection, which reports errors and reconnects the way every other call does.
+//! It serves one server only (not a Cluster, nor a Sentinel group, whose master moves), and
+//! only ever runs read-only commands, so whenever it meets anything unusual (an error reply, a
+//! dropped connection, a TLS URL) the request runs again on the regular connection, which
+//! reports errors and reconnects the way every other call does.
 
+use std::future::Future;
 use std::io;
 use std::ops::Range;
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
-use redis::{ConnectionAddr, ConnectionInfo};
+use redis::{ConnectionAddr, ConnectionInfo, Pipeline, RedisResult};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
+
+use crate::connection::{locked, Flavor, Settings};
+use crate::process_local::ProcessLocal;
 
 /// The free space offered to reads: from this, doubling as a reply grows, up to `MAX_READ`.
 /// Redis writes up to 64 KB to a client per turn of its event loop; larger reads mean fewer
@@ -65,7 +73,7 @@ impl Replies {
 }
 
 /// Why a request did not come back on this connection.
-pub enum Miss {
+enum Miss {
     /// Redis refused something (an error reply, a handshake it did not take) or the reply had
     /// an unexpected shape: run it on the regular connection, and leave this path alone a while.
     Refused,
@@ -78,11 +86,194 @@ pub enum Miss {
 }
 
 /// `what` took longer than its timeout.
-pub fn timed_out(what: &str) -> Miss {
+fn timed_out(what: &str) -> Miss {
     Miss::Failed(io::Error::new(
         io::ErrorKind::TimedOut,
         format!("{what} timed out"),
     ))
+}
+
+/// Bulk connections open at once per log and flavor; past that, unspools share the regular
+/// connection, so sockets stay few however many calls run at once.
+const OPEN_MAX: usize = 4;
+/// An idle bulk connection older than this is closed rather than trusted: a NAT or firewall
+/// may have dropped it without a word.
+const IDLE_MAX: Duration = Duration::from_secs(30);
+/// How long unspools leave the bulk path alone after Redis refused it.
+const REST: Duration = Duration::from_secs(10);
+
+/// The bulk path of one log on one server: its connections in this process, per runtime
+/// flavor (a connection's socket belongs to the runtime it was made on).
+pub struct BulkPath {
+    server: ConnectionInfo,
+    connect_timeout: Duration,
+    response_timeout: Duration,
+    pools: ProcessLocal<Pools>,
+}
+
+#[derive(Default)]
+struct Pools {
+    calling: Pool,
+    background: Pool,
+}
+
+impl BulkPath {
+    pub fn new(server: ConnectionInfo, settings: &Settings) -> BulkPath {
+        BulkPath {
+            server,
+            connect_timeout: settings.connect_timeout,
+            response_timeout: settings.response_timeout,
+            pools: ProcessLocal::new(),
+        }
+    }
+
+    fn pool(&self, flavor: Flavor) -> &Pool {
+        let pools = self.pools.get(Pools::default);
+        match flavor {
+            Flavor::Calling => &pools.calling,
+            Flavor::Background => &pools.background,
+        }
+    }
+
+    /// The replies to `pipe`, a pipeline of `arrays` reads, from a bulk connection; when the
+    /// path cannot serve it (resting, all connections busy, Redis refused it, a dead socket),
+    /// from `regular`, the same read on the log's regular connection, run only then.
+    pub async fn read_or(
+        &self,
+        flavor: Flavor,
+        pipe: &Pipeline,
+        arrays: usize,
+        regular: impl Future<Output = RedisResult<Replies>>,
+    ) -> RedisResult<Replies> {
+        match self.read(flavor, &pipe.get_packed_pipeline(), arrays).await {
+            Ok(replies) => Ok(replies),
+            Err(Miss::Failed(error)) => Err(error.into()),
+            Err(Miss::Refused | Miss::Unusable) => regular.await,
+        }
+    }
+
+    async fn read(&self, flavor: Flavor, request: &[u8], arrays: usize) -> Result<Replies, Miss> {
+        let pool = self.pool(flavor);
+        let Some((lease, idle)) = pool.take() else {
+            return Err(Miss::Unusable);
+        };
+        let outcome = async {
+            let mut connection = match idle {
+                Some(connection) => connection,
+                None => BulkConnection::open(&self.server, self.connect_timeout).await?,
+            };
+            let exchange = connection.exchange(request, 0, arrays);
+            match tokio::time::timeout(self.response_timeout, exchange).await {
+                // The connection is dropped: a late reply must not answer the next request.
+                Err(_) => Err(timed_out("the reply")),
+                Ok(replies) => replies.map(|replies| (connection, replies)),
+            }
+        }
+        .await;
+        match outcome {
+            Ok((connection, replies)) => {
+                lease.keep(connection);
+                Ok(replies)
+            }
+            Err(miss) => {
+                drop(lease);
+                pool.lost(matches!(miss, Miss::Refused));
+                Err(miss)
+            }
+        }
+    }
+
+    /// Closes this process's idle bulk connections; those in use close when their read ends.
+    pub fn close(&self) {
+        for flavor in [Flavor::Calling, Flavor::Background] {
+            let idle = locked(&self.pool(flavor).0).drain();
+            drop(idle);
+        }
+    }
+}
+
+/// The bulk connections of one log, runtime flavor and process.
+#[derive(Default)]
+struct Pool(Mutex<PoolState>);
+
+#[derive(Default)]
+struct PoolState {
+    /// Open ones, idle or in use: at most `OPEN_MAX`.
+    open: usize,
+    /// The idle ones, each with when it last answered.
+    idle: Vec<(Instant, BulkConnection)>,
+    /// After Redis refused this path (a login, a command), unspools use the regular
+    /// connection until then.
+    resting_until: Option<Instant>,
+}
+
+impl PoolState {
+    /// Removes the idle connections (they count as closed), to drop once the lock is released.
+    fn drain(&mut self) -> Vec<(Instant, BulkConnection)> {
+        let idle = std::mem::take(&mut self.idle);
+        self.open -= idle.len();
+        idle
+    }
+}
+
+impl Pool {
+    /// A connection to use: an idle one, or leave to open one (`None` inside). `None` while
+    /// the path rests or `OPEN_MAX` are in use: the regular connection serves then.
+    fn take(&self) -> Option<(Lease<'_>, Option<BulkConnection>)> {
+        let mut expired = Vec::new();
+        let mut state = locked(&self.0);
+        let now = Instant::now();
+        if state.resting_until.is_some_and(|until| now < until) {
+            return None;
+        }
+        while let Some((answered, connection)) = state.idle.pop() {
+            if now.duration_since(answered) <= IDLE_MAX {
+                return Some((Lease { pool: self }, Some(connection)));
+            }
+            state.open -= 1;
+            expired.push(connection);
+        }
+        if state.open >= OPEN_MAX {
+            return None;
+        }
+        state.open += 1;
+        Some((Lease { pool: self }, None))
+    }
+
+    /// After a connection failed: `refused` rests the path (Redis said no, and would again),
+    /// else the idle ones are closed too (they most likely died with it).
+    fn lost(&self, refused: bool) {
+        let idle = {
+            let mut state = locked(&self.0);
+            if refused {
+                state.resting_until = Some(Instant::now() + REST);
+                Vec::new()
+            } else {
+                state.drain()
+            }
+        };
+        drop(idle);
+    }
+}
+
+/// One open connection counted in its pool; dropping the lease (a failed or abandoned read)
+/// uncounts it.
+struct Lease<'a> {
+    pool: &'a Pool,
+}
+
+impl Lease<'_> {
+    /// Keeps a connection that answered well for the next read; it stays counted as open.
+    fn keep(self, connection: BulkConnection) {
+        locked(&self.pool.0).idle.push((Instant::now(), connection));
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for Lease<'_> {
+    fn drop(&mut self) {
+        locked(&self.pool.0).open -= 1;
+    }
 }
 
 enum Stream {
@@ -90,14 +281,14 @@ enum Stream {
     Unix(UnixStream),
 }
 
-pub struct BulkConnection {
+struct BulkConnection {
     stream: Stream,
 }
 
 impl BulkConnection {
     /// Connects and logs in as the URL says, all within `timeout`; TLS URLs are left to the
     /// regular connection.
-    pub async fn open(info: &ConnectionInfo, timeout: Duration) -> Result<BulkConnection, Miss> {
+    async fn open(info: &ConnectionInfo, timeout: Duration) -> Result<BulkConnection, Miss> {
         match tokio::time::timeout(timeout, BulkConnection::connect(info)).await {
             Err(_) => Err(timed_out("connecting to Redis")),
             Ok(outcome) => outcome,
@@ -146,7 +337,7 @@ impl BulkConnection {
     }
 
     /// Sends `request` and reads `simple` status replies, then `arrays` arrays of bulk strings.
-    pub async fn exchange(
+    async fn exchange(
         &mut self,
         request: &[u8],
         simple: usize,
@@ -190,7 +381,7 @@ impl BulkConnection {
 }
 
 /// Appends one command in RESP.
-pub fn pack(out: &mut Vec<u8>, parts: &[&[u8]]) {
+fn pack(out: &mut Vec<u8>, parts: &[&[u8]]) {
     out.extend_from_slice(format!("*{}\r\n", parts.len()).as_bytes());
     for part in parts {
         out.extend_from_slice(format!("${}\r\n", part.len()).as_bytes());

@@ -17,7 +17,6 @@ use redis::cluster::ClusterClientBuilder;
 use redis::{Client, ConnectionInfo, ProtocolVersion, RedisResult};
 use tokio::runtime::Runtime;
 
-use crate::bulk::BulkConnection;
 use crate::hub::{Dial, Hub};
 use crate::link::Link;
 use crate::process_local::ProcessLocal;
@@ -41,7 +40,7 @@ static BACKGROUND: ProcessLocal<&'static Runtime> = ProcessLocal::new();
 
 /// Locks `mutex`, also after a panic elsewhere poisoned it: every value kept behind these locks
 /// is whole at all times.
-fn locked<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub fn locked<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -180,8 +179,6 @@ type Current = Option<(String, Link)>;
 struct ProcessConnections {
     calling: Mutex<Current>,
     background: Mutex<Current>,
-    calling_bulk: Mutex<BulkPool>,
-    background_bulk: Mutex<BulkPool>,
     hub: OnceLock<Hub>,
 }
 
@@ -191,55 +188,6 @@ impl ProcessConnections {
             Flavor::Calling => &self.calling,
             Flavor::Background => &self.background,
         }
-    }
-
-    fn bulk_pool(&self, flavor: Flavor) -> &Mutex<BulkPool> {
-        match flavor {
-            Flavor::Calling => &self.calling_bulk,
-            Flavor::Background => &self.background_bulk,
-        }
-    }
-}
-
-/// The bulk connections (see `bulk`) of one log, runtime flavor and process.
-#[derive(Default)]
-struct BulkPool {
-    /// Open ones, idle or in use: at most `BULK_MAX`.
-    open: usize,
-    /// The idle ones, each with when it last answered.
-    idle: Vec<(Instant, BulkConnection)>,
-    /// After Redis refused this path (a login, a command), unspools use the regular
-    /// connection until then.
-    resting_until: Option<Instant>,
-}
-
-impl BulkPool {
-    /// Removes the idle connections (they count as closed), to drop once the lock is released.
-    fn drain(&mut self) -> Vec<(Instant, BulkConnection)> {
-        let idle = std::mem::take(&mut self.idle);
-        self.open -= idle.len();
-        idle
-    }
-}
-
-/// Bulk connections open at once per log and flavor; past that, unspools share the regular
-/// connection, so sockets stay few however many calls run at once.
-const BULK_MAX: usize = 4;
-/// An idle bulk connection older than this is closed rather than trusted: a NAT or firewall
-/// may have dropped it without a word.
-const BULK_IDLE_MAX: Duration = Duration::from_secs(30);
-/// How long unspools leave the bulk path alone after Redis refused it.
-const BULK_REST: Duration = Duration::from_secs(10);
-
-/// One open bulk connection counted in its pool; dropping the lease (a failed or abandoned
-/// request) uncounts it.
-pub struct BulkLease<'a> {
-    pool: &'a Mutex<BulkPool>,
-}
-
-impl Drop for BulkLease<'_> {
-    fn drop(&mut self) {
-        locked(self.pool).open -= 1;
     }
 }
 
@@ -343,54 +291,6 @@ impl Connection {
         }
     }
 
-    /// A bulk connection to use: an idle one, or leave to open one (`None` inside). `None`
-    /// while the path rests or `BULK_MAX` are in use: the regular connection serves then.
-    pub fn take_bulk(&self, flavor: Flavor) -> Option<(BulkLease<'_>, Option<BulkConnection>)> {
-        let mut expired = Vec::new();
-        let pool_lock = self.process().bulk_pool(flavor);
-        let mut pool = locked(pool_lock);
-        let now = Instant::now();
-        if pool.resting_until.is_some_and(|until| now < until) {
-            return None;
-        }
-        let lease = BulkLease { pool: pool_lock };
-        while let Some((answered, connection)) = pool.idle.pop() {
-            if now.duration_since(answered) <= BULK_IDLE_MAX {
-                return Some((lease, Some(connection)));
-            }
-            pool.open -= 1;
-            expired.push(connection);
-        }
-        if pool.open >= BULK_MAX {
-            std::mem::forget(lease);
-            return None;
-        }
-        pool.open += 1;
-        Some((lease, None))
-    }
-
-    /// Keeps a bulk connection that answered well for the next unspool.
-    pub fn put_bulk(&self, lease: BulkLease<'_>, connection: BulkConnection) {
-        locked(lease.pool).idle.push((Instant::now(), connection));
-        // Still open: counted until it is closed.
-        std::mem::forget(lease);
-    }
-
-    /// After a bulk connection failed: `refused` rests the path (Redis said no, and would
-    /// again), else the idle ones are closed too (they most likely died with it).
-    pub fn lost_bulk(&self, flavor: Flavor, refused: bool) {
-        let idle = {
-            let mut pool = locked(self.process().bulk_pool(flavor));
-            if refused {
-                pool.resting_until = Some(Instant::now() + BULK_REST);
-                Vec::new()
-            } else {
-                pool.drain()
-            }
-        };
-        drop(idle);
-    }
-
     /// This process's connection on the `flavor` runtime. No I/O happens here, except that a
     /// Sentinel group's master is asked for when the last answer is older than `RECHECK`.
     pub async fn link(&self, flavor: Flavor) -> RedisResult<Link> {
@@ -471,8 +371,6 @@ impl Connection {
         for flavor in [Flavor::Calling, Flavor::Background] {
             let taken = locked(process.current(flavor)).take();
             drop(taken);
-            let idle = locked(process.bulk_pool(flavor)).drain();
-            drop(idle);
         }
     }
 }

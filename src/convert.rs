@@ -7,8 +7,8 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyFloat, PyInt, PyList, PyString, PyTuple};
 
 use crate::json;
+use crate::message::timestamp as message_timestamp;
 use crate::store::Since;
-use crate::subscription::message_timestamp;
 
 pub fn type_name(obj: &Bound<'_, PyAny>) -> String {
     obj.get_type()

@@ -1,7 +1,7 @@
 //! The Redis operations of one log: broadcast, replay, unspool, prune (all logs or one), delete
 //! and the command line's scan, on the article's key layout or its cluster variant (`Layout`).
 //! `Store::call` runs each within the log's timeouts and makes its errors Python's; unspool
-//! reads on the bulk connection (`bulk.rs`) when it can.
+//! reads through the bulk path (`bulk.rs`) on one server.
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -14,7 +14,7 @@ use redis::{
     Value,
 };
 
-use crate::bulk::{timed_out, BulkConnection, Miss, Replies};
+use crate::bulk::{BulkPath, Replies};
 use crate::connection::{Connection, Flavor};
 use crate::errors::Failure;
 use crate::link::Link;
@@ -40,7 +40,7 @@ pub const PRUNE: &str = "prune_replay_logs";
 /// One message, serialized and ready to send.
 pub struct Outgoing {
     pub keys: ChannelKeys,
-    /// The message JSON up to the fields the script adds: `{"event_name":..,"content":..`.
+    /// The message up to the tail the script adds (see `message.rs`).
     pub head: Vec<u8>,
     /// Set for a publish that may be retried: a repeat within the window is a no-op.
     pub idempotency_key: Option<Vec<u8>>,
@@ -53,7 +53,7 @@ pub struct ChannelKeys {
     pub pubsub: Vec<u8>,
     /// The log, a sorted set: `replay:<channel>`.
     pub log: Vec<u8>,
-    /// The log's bookkeeping, a string "base top fresh epoch break": `replaymeta:<channel>`.
+    /// The log's bookkeeping (defined in `lua/broadcast.lua`): `replaymeta:<channel>`.
     pub meta: Vec<u8>,
     /// The writing master's mark, never replicated (see broadcast.lua): `replayonce:w:<channel>`,
     /// beside the idempotency keys, which all go on with a digit there.
@@ -185,17 +185,10 @@ impl Since {
     }
 }
 
-/// Which connection an operation runs on: the check after a quiet spell and the record of a
-/// live answer are the regular connection's, so they go with it.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub enum Uses {
-    Regular,
-    /// The bulk connection, and the regular one only should that fail (unspool).
-    BulkFirst,
-}
-
 pub struct Store {
     connection: Connection,
+    /// Unspool's reads on one server (None on a Cluster or a Sentinel group).
+    bulk: Option<BulkPath>,
     pub layout: Layout,
     limits: Limits,
     broadcast_script: Script,
@@ -209,8 +202,12 @@ pub struct Store {
 impl Store {
     pub fn new(connection: Connection, label: String, layout: Layout, limits: Limits) -> Store {
         let secret = connection.password().map(str::to_owned);
+        let bulk = connection
+            .single_server()
+            .map(|server| BulkPath::new(server.clone(), connection.settings()));
         Store {
             connection,
+            bulk,
             layout,
             limits,
             broadcast_script: Script::new(BROADCAST_LUA),
@@ -227,54 +224,38 @@ impl Store {
 
     pub fn close(&self) {
         self.connection.close();
+        if let Some(bulk) = &self.bulk {
+            bulk.close();
+        }
     }
 
-    /// Runs one operation on this log's connection for the runtime `flavor` (the one polling
-    /// this future). The whole call gets `connect_timeout` (to connect and log in, when it
-    /// must) plus one `response_timeout`, never more; a prune, many round trips, gets that
-    /// for each of them.
+    /// Runs one operation on this log's regular connection for the runtime `flavor` (the one
+    /// polling this future), within the call's budget (see `within_budget`).
     pub async fn call<T, F, Fut>(
         &self,
         flavor: Flavor,
         what: &str,
-        uses: Uses,
         operation: F,
     ) -> Result<T, Failure>
     where
         F: FnOnce(Link) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
     {
-        let manager = match self.connection.link(flavor).await {
+        let link = match self.connection.link(flavor).await {
             Ok(link) => link,
             Err(error) => return Err(self.failure(&error, what)),
         };
-        if uses == Uses::Regular {
-            self.check_if_idle(flavor).await;
-        }
-        let outcome = if what == PRUNE {
-            operation(manager).await
-        } else {
-            let settings = self.settings();
-            let budget = settings.connect_timeout + settings.response_timeout;
-            tokio::time::timeout(budget, operation(manager))
-                .await
-                .unwrap_or_else(|_| {
-                    Err(RedisError::from(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        "no answer within connect_timeout + response_timeout",
-                    )))
-                })
-        };
-        match &outcome {
-            Ok(_) if uses == Uses::Regular => self.connection.answered(flavor),
-            Ok(_) => {}
-            Err(error) => self.connection.failed(error),
-        }
-        outcome.map_err(|e| self.failure(&e, what))
+        self.within_budget(what, self.on_link(flavor, link, operation))
+            .await
     }
 
-    /// Before a request on the regular connection after a quiet spell (see `needs_check`).
-    async fn check_if_idle(&self, flavor: Flavor) {
+    /// `operation` on `link`, the regular connection for `flavor`, checked first after a quiet
+    /// spell (see `needs_check`).
+    async fn on_link<T, F, Fut>(&self, flavor: Flavor, link: Link, operation: F) -> RedisResult<T>
+    where
+        F: FnOnce(Link) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
         if self.connection.needs_check(flavor) {
             // Let the connection's own task read what the socket holds: a connection that
             // Redis closed (a restart, CLIENT KILL, a timeout) shows as EOF without a round
@@ -283,6 +264,37 @@ impl Store {
                 tokio::task::yield_now().await;
             }
         }
+        let value = operation(link).await?;
+        self.connection.answered(flavor);
+        Ok(value)
+    }
+
+    /// Runs `work` within `connect_timeout` (to connect and log in, when it must) plus one
+    /// `response_timeout`, never more (a prune, many round trips, gets that for each of them),
+    /// and makes its error Python's.
+    async fn within_budget<T>(
+        &self,
+        what: &str,
+        work: impl Future<Output = RedisResult<T>>,
+    ) -> Result<T, Failure> {
+        let outcome = if what == PRUNE {
+            work.await
+        } else {
+            let settings = self.settings();
+            let budget = settings.connect_timeout + settings.response_timeout;
+            tokio::time::timeout(budget, work)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(RedisError::from(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "no answer within connect_timeout + response_timeout",
+                    )))
+                })
+        };
+        if let Err(error) = &outcome {
+            self.connection.failed(error);
+        }
+        outcome.map_err(|e| self.failure(&e, what))
     }
 
     /// A Redis error as the Python exception to raise, with what was being done and where.
@@ -435,14 +447,14 @@ impl Store {
     }
 
     /// The stored messages of each log newer than its cursor, oldest first, in one round trip:
-    /// on a bulk connection (see `bulk`) when it can, else on the regular one.
+    /// through the bulk path on one server, else on the regular connection.
     pub async fn unspool(
         &self,
         flavor: Flavor,
-        mut manager: Link,
+        what: &str,
         requests: &[(ChannelKeys, Since)],
         limit: Option<u64>,
-    ) -> RedisResult<Replies> {
+    ) -> Result<Replies, Failure> {
         if requests.is_empty() {
             return Ok(Replies::from_arrays(Vec::new()));
         }
@@ -457,56 +469,18 @@ impl Store {
                 cmd.arg("LIMIT").arg(0).arg(limit);
             }
         }
-        match self.unspool_in_bulk(flavor, &pipe, requests.len()).await {
-            Ok(replies) => return Ok(replies),
-            Err(Miss::Failed(error)) => return Err(error.into()),
-            Err(Miss::Refused | Miss::Unusable) => {}
-        }
-        self.check_if_idle(flavor).await;
-        let arrays = query(&mut manager, &pipe).await?;
-        self.connection.answered(flavor);
-        Ok(Replies::from_arrays(arrays))
-    }
-
-    async fn unspool_in_bulk(
-        &self,
-        flavor: Flavor,
-        pipe: &Pipeline,
-        arrays: usize,
-    ) -> Result<Replies, Miss> {
-        let settings = self.connection.settings();
-        let Some((lease, idle)) = self.connection.take_bulk(flavor) else {
-            return Err(Miss::Unusable);
+        let pipe = &pipe;
+        let read =
+            |mut link: Link| async move { query(&mut link, pipe).await.map(Replies::from_arrays) };
+        let Some(bulk) = &self.bulk else {
+            return self.call(flavor, what, read).await;
         };
-        let request = pipe.get_packed_pipeline();
-        let outcome = async {
-            let mut bulk = match idle {
-                Some(bulk) => bulk,
-                None => {
-                    let info = self.connection.single_server().ok_or(Miss::Unusable)?;
-                    BulkConnection::open(info, settings.connect_timeout).await?
-                }
-            };
-            let exchange = bulk.exchange(&request, 0, arrays);
-            match tokio::time::timeout(settings.response_timeout, exchange).await {
-                // The connection is dropped: a late reply must not answer the next request.
-                Err(_) => Err(timed_out("the reply")),
-                Ok(replies) => replies.map(|replies| (bulk, replies)),
-            }
-        }
-        .await;
-        match outcome {
-            Ok((bulk, replies)) => {
-                self.connection.put_bulk(lease, bulk);
-                Ok(replies)
-            }
-            Err(miss) => {
-                drop(lease);
-                self.connection
-                    .lost_bulk(flavor, matches!(miss, Miss::Refused));
-                Err(miss)
-            }
-        }
+        let regular = async {
+            let link = self.connection.link(flavor).await?;
+            self.on_link(flavor, link, read).await
+        };
+        self.within_budget(what, bulk.read_or(flavor, pipe, requests.len(), regular))
+            .await
     }
 
     /// Trims entries older than `expire_ms`, by the Redis clock, from every log.

@@ -6,7 +6,7 @@
 //! published and stored in one atomic step, so a message is either in the log the replay
 //! reads or arrives on the subscription after it: none falls between.
 //!
-//! Each stored message names the one before it (`prev`). A live message that does not follow
+//! Each stored message names the one before it (`prev`, see `message.rs`). A live message that does not follow
 //! the last one delivered means something was missed (the pub/sub connection dropped, this
 //! consumer fell behind, Redis lost its data): the log is read again from the cursor, which
 //! either fills the hole or reports a gap. When the connection drops, the hub (`hub.rs`, the
@@ -24,7 +24,8 @@ use tokio::time::Instant;
 use crate::connection::Flavor;
 use crate::errors::Failure;
 use crate::hub::{Event, Membership, Queue, QUEUED_MESSAGES};
-use crate::store::{ChannelKeys, ReplayRequest, Since, Store, Uses};
+use crate::message;
+use crate::store::{ChannelKeys, ReplayRequest, Since, Store};
 
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(1);
 const FIRST_RETRY_DELAY: Duration = Duration::from_millis(20);
@@ -238,13 +239,13 @@ impl Subscription {
         self.buffered_bytes
             .fetch_sub(payload.len(), Ordering::Relaxed);
         // A message without a timestamp is not replaylog's: nothing to order it by.
-        let timestamp = message_timestamp(&payload)?;
+        let timestamp = message::timestamp(&payload)?;
         let position = &mut self.positions[channel];
         let Some(cursor) = position.cursor else {
             position.cursor = Some(timestamp);
             return Some(Delivery::Message { channel, payload });
         };
-        let prev = message_prev(&payload);
+        let prev = message::prev(&payload);
         if prev == Some(cursor) {
             position.cursor = Some(timestamp);
             return Some(Delivery::Message { channel, payload });
@@ -274,7 +275,7 @@ impl Subscription {
             .collect();
         let store = self.store.clone();
         let replays = store
-            .call(Flavor::Background, "subscribe", Uses::Regular, |manager| {
+            .call(Flavor::Background, "subscribe", |manager| {
                 store.replay(manager, &requests, Some(CATCH_UP_PAGE))
             })
             .await?;
@@ -306,7 +307,7 @@ impl Subscription {
                 self.catch_up_pending = true;
             }
             for payload in replayed.messages {
-                if let Some(timestamp) = message_timestamp(&payload) {
+                if let Some(timestamp) = message::timestamp(&payload) {
                     position.cursor = Some(timestamp);
                 }
                 self.ready.push_back(Delivery::Message {
@@ -316,60 +317,5 @@ impl Subscription {
             }
         }
         Ok(())
-    }
-}
-
-/// The timestamp that ends a stored message, read from its last bytes without parsing the
-/// rest: `,"timestamp":T}` (ours) or `"timestamp": T}` (the article's). Anything else, such as
-/// a foreign payload on the channel, has none.
-pub fn message_timestamp(payload: &[u8]) -> Option<i64> {
-    let (before, timestamp) = trailing_digits(payload.strip_suffix(b"}")?)?;
-    let before = before.strip_suffix(b" ").unwrap_or(before);
-    if !payload.starts_with(b"{") || !before.ends_with(b"\"timestamp\":") {
-        return None;
-    }
-    Some(timestamp)
-}
-
-/// The `prev` of a message replaylog stored, from its exact tail `,"prev":P,"timestamp":T}`;
-/// None on the first of a history and on others' messages.
-pub fn message_prev(payload: &[u8]) -> Option<i64> {
-    message_timestamp(payload)?;
-    let (before, _) = trailing_digits(payload.strip_suffix(b"}")?)?;
-    let (before, prev) = trailing_digits(before.strip_suffix(b",\"timestamp\":")?)?;
-    before.ends_with(b",\"prev\":").then_some(prev)
-}
-
-/// Splits the decimal number that ends `bytes` off it.
-fn trailing_digits(bytes: &[u8]) -> Option<(&[u8], i64)> {
-    let start = bytes
-        .iter()
-        .rposition(|b| !b.is_ascii_digit())
-        .map_or(0, |i| i + 1);
-    let number = std::str::from_utf8(&bytes[start..]).ok()?.parse().ok()?;
-    Some((&bytes[..start], number))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::{message_prev, message_timestamp};
-
-    #[test]
-    fn timestamp_of_compact_and_article_json() {
-        let ours =
-            br#"{"event_name":"e","content":{"timestamp":1},"prev":17,"timestamp":1700000000123}"#;
-        assert_eq!(message_timestamp(ours), Some(1_700_000_000_123));
-        assert_eq!(message_prev(ours), Some(17));
-        let article = br#"{"event_name": "e", "content": 5, "timestamp": 1700000000456}"#;
-        assert_eq!(message_timestamp(article), Some(1_700_000_000_456));
-        assert_eq!(message_prev(article), None);
-        assert_eq!(message_timestamp(b"not json"), None);
-        // A "prev" inside the content is not the message's own.
-        let first = br#"{"event_name":"e","content":{"prev":5},"timestamp":9}"#;
-        assert_eq!(message_prev(first), None);
-        // Neither is a payload that only looks like a message.
-        let array = br#"[{"prev":1,"timestamp":2}]"#;
-        assert_eq!(message_timestamp(array), None);
-        assert_eq!(message_prev(array), None);
     }
 }

@@ -3,32 +3,14 @@
 from asyncio import AbstractEventLoop, Future, Queue
 from typing import Any, Callable
 
+from ._settings import Settings
+
 _Default = Callable[[Any], Any] | None
 _Since = int | float | str
 _Aio = tuple[AbstractEventLoop, Future[Any]] | None
 
 class NativeLog:
-    def __init__(
-        self,
-        url: str,
-        masked_url: str,
-        *,
-        connect_timeout: float,
-        response_timeout: float,
-        busy_poll_us: int,
-        subscription_buffer_bytes: int,
-        sharded_pubsub: bool,
-        channel_prefix: str,
-        log_prefix: str,
-        meta_prefix: str,
-        idempotency_prefix: str,
-        cluster_keys: bool,
-        expire_ms: int,
-        max_len: int,
-        idempotency_window_ms: int,
-        min_replicas: int,
-        replica_timeout_ms: int,
-    ) -> None: ...
+    def __init__(self, settings: Settings) -> None: ...
     def broadcast(
         self,
         channel: str,

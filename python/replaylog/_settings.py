@@ -1,10 +1,12 @@
-"""Settings lookup: explicit argument, then Django settings, then the environment, then defaults."""
+"""Settings: each explicit argument, else Django settings, then the environment, then defaults;
+resolved once per log into a frozen :class:`Settings`."""
 
 from __future__ import annotations
 
 import os
 import re
 import sys
+from dataclasses import dataclass, field, replace
 from itertools import groupby
 from operator import itemgetter
 from typing import Any, Callable
@@ -212,6 +214,120 @@ def as_prefix(name: str, value: Any) -> str:
     if not isinstance(value, str):
         raise ConfigurationError(f"{name} must be a string, got {type(value).__name__}")
     return value
+
+
+class URLMismatch(ConfigurationError):
+    """The URL does not fit the other settings (sharded pub/sub without a cluster, ...)."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """A log's settings, resolved once (see :meth:`resolve`); the native log reads them by name."""
+
+    url: str = field(repr=False)  # may hold a password; see masked_url
+    expire_ms: int
+    """The logs' time to live after their last message, and a prune's default age limit."""
+    expire_ms_from_setting: bool
+    """Whether ``expire_ms`` came from ``EXPIRE_REPLAY_LOGS_MS``, which a prune reads again."""
+    connect_timeout: float
+    response_timeout: float
+    busy_poll_us: int
+    """A synchronous call alone in its process polls this long for the reply before it sleeps:
+    a latency option that spends CPU to skip the OS wake-up (off by default)."""
+    channel_prefix: str
+    log_prefix: str
+    meta_prefix: str
+    idempotency_prefix: str
+    max_len: int
+    cluster_keys: bool
+    sharded_pubsub: bool
+    """SPUBLISH/SSUBSCRIBE on a cluster: each message goes to its channel's shard only."""
+    idempotency_window_ms: int
+    subscription_buffer_bytes: int
+    """A subscription whose consumer lags holds at most this much (and 10,000 messages), then
+    lets go of its connection and reads the log once the consumer catches up."""
+    replay_limit: int
+    min_replicas: int
+    """A broadcast returns once this many replicas hold it (WAIT), so that a failover cannot
+    lose it; else it raises ReplicationError after ``replica_timeout`` seconds."""
+    replica_timeout: float
+
+    @property
+    def masked_url(self) -> str:
+        return mask_url(self.url)
+
+    @classmethod
+    def resolve(
+        cls,
+        url: str | None = None,
+        *,
+        expire_ms: int | None = None,
+        connect_timeout: float | None = None,
+        response_timeout: float | None = None,
+        busy_poll_us: int | None = None,
+        channel_prefix: str | None = None,
+        log_prefix: str | None = None,
+        meta_prefix: str | None = None,
+        idempotency_prefix: str | None = None,
+        max_len: int | None = None,
+        cluster_keys: bool | None = None,
+        idempotency_window_ms: int | None = None,
+        subscription_buffer_bytes: int | None = None,
+        replay_limit: int | None = None,
+        min_replicas: int | None = None,
+        replica_timeout: float | None = None,
+        sharded_pubsub: bool | None = None,
+    ) -> Settings:
+        """Each argument, or where it is None its setting (see :func:`lookup`), converted and
+        checked against the others. Raises :class:`ConfigurationError` (:class:`URLMismatch`
+        when the URL is what does not fit)."""
+        settings = cls(
+            url=resolve("REPLAYLOG_URL", url, as_url),
+            expire_ms=(
+                resolve("EXPIRE_REPLAY_LOGS_MS", None, as_expire_ms)
+                if expire_ms is None
+                else as_expire_ms("expire_ms", expire_ms)
+            ),
+            expire_ms_from_setting=expire_ms is None,
+            connect_timeout=resolve("REPLAYLOG_CONNECT_TIMEOUT", connect_timeout, as_seconds),
+            response_timeout=resolve("REPLAYLOG_RESPONSE_TIMEOUT", response_timeout, as_seconds),
+            busy_poll_us=resolve("REPLAYLOG_BUSY_POLL_US", busy_poll_us, as_busy_poll_us),
+            channel_prefix=resolve("REPLAYLOG_CHANNEL_PREFIX", channel_prefix, as_prefix),
+            log_prefix=resolve("REPLAYLOG_LOG_PREFIX", log_prefix, as_prefix),
+            meta_prefix=resolve("REPLAYLOG_META_PREFIX", meta_prefix, as_prefix),
+            idempotency_prefix=resolve(
+                "REPLAYLOG_IDEMPOTENCY_PREFIX", idempotency_prefix, as_prefix
+            ),
+            max_len=resolve("REPLAYLOG_MAX_LEN", max_len, as_max_len),
+            cluster_keys=resolve("REPLAYLOG_CLUSTER_KEYS", cluster_keys, as_bool),
+            sharded_pubsub=resolve("REPLAYLOG_SHARDED_PUBSUB", sharded_pubsub, as_bool),
+            idempotency_window_ms=resolve(
+                "REPLAYLOG_IDEMPOTENCY_WINDOW_MS", idempotency_window_ms, as_expire_ms
+            ),
+            subscription_buffer_bytes=resolve(
+                "REPLAYLOG_SUBSCRIPTION_BUFFER_BYTES", subscription_buffer_bytes, as_positive_int
+            ),
+            replay_limit=resolve("REPLAYLOG_REPLAY_LIMIT", replay_limit, as_positive_int),
+            min_replicas=resolve("REPLAYLOG_MIN_REPLICAS", min_replicas, as_min_replicas),
+            replica_timeout=resolve("REPLAYLOG_REPLICA_TIMEOUT", replica_timeout, as_seconds),
+        )
+        if settings.min_replicas and settings.replica_timeout >= settings.response_timeout:
+            raise ConfigurationError(
+                "replica_timeout must be shorter than response_timeout: the WAIT for replicas "
+                "is one request"
+            )
+        if settings.log_prefix in (settings.meta_prefix, settings.idempotency_prefix):
+            raise ConfigurationError(
+                "log_prefix must differ from meta_prefix and idempotency_prefix"
+            )
+        if is_cluster_url(settings.url):
+            # A cluster runs each script on one slot: every key of a channel carries its tag.
+            if cluster_keys is False:
+                raise URLMismatch("a redis+cluster:// URL needs cluster_keys")
+            return replace(settings, cluster_keys=True)
+        if settings.sharded_pubsub:
+            raise URLMismatch("sharded_pubsub needs a redis+cluster:// URL")
+        return settings
 
 
 # Query parameters that hold a password: redis-rs reads ``pass`` (for unix sockets), redis-py

@@ -1,9 +1,5 @@
 #!lua flags=no-writes
 -- The messages of one log after a cursor, and whether that replay is complete.
--- KEYS[1]: the log. KEYS[2]: its bookkeeping, "base top fresh epoch break" (see broadcast.lua).
--- ARGV[1]: the exclusive lower bound, e.g. "(1700000000000". ARGV[2]: the cursor as a number.
--- ARGV[3]: the most messages to return, or -1 for all. ARGV[4]: the epoch the client
--- last saw, or "" if it has none.
 -- Returns {complete (1 or 0), {messages...}, epoch, latest timestamp or false}: the newest
 -- timestamp issued on the channel, stored or since removed, is where "from now" starts. The
 -- epoch names this log's history: it changes when the bookkeeping is lost (FLUSHALL, a restart
@@ -11,21 +7,28 @@
 --
 -- Logs only ever lose their oldest entries (prune, max_len, expiry), so the log is an unbroken
 -- run of the channel's latest messages. The replay is complete when the first message after
--- the cursor comes right after it: its `prev` is at or before the cursor.
+-- the cursor comes right after it: its `prev` is at or before the cursor (the message format
+-- is defined in src/message.rs).
+
+local log_key = KEYS[1]
+local meta_key = KEYS[2] -- the bookkeeping, as broadcast.lua defines and writes it
+local after = ARGV[1] -- the exclusive lower bound, e.g. "(1700000000000"
+local since = tonumber(ARGV[2]) -- the cursor as a number
+local limit = ARGV[3] -- the most messages to return, or "-1" for all
+local client_epoch = ARGV[4] -- the epoch the client last saw, or "" if it has none
 
 local messages
-if ARGV[3] == '-1' then
-    messages = redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[1], '+inf')
+if limit == '-1' then
+    messages = redis.call('ZRANGEBYSCORE', log_key, after, '+inf')
 else
-    messages = redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[1], '+inf', 'LIMIT', 0, ARGV[3])
+    messages = redis.call('ZRANGEBYSCORE', log_key, after, '+inf', 'LIMIT', 0, limit)
 end
 
-local since = tonumber(ARGV[2])
-local meta = redis.call('GET', KEYS[2])
+local meta = redis.call('GET', meta_key)
 if not meta then
     -- Nothing is known of this log's past: only "everything" of nothing is complete.
-    local newest = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')[2] or false
-    local complete = since <= 0 and not newest and ARGV[4] == ''
+    local newest = redis.call('ZRANGE', log_key, -1, -1, 'WITHSCORES')[2] or false
+    local complete = since <= 0 and not newest and client_epoch == ''
     return {complete and 1 or 0, messages, '', newest}
 end
 
@@ -39,11 +42,11 @@ if since >= tonumber(top) then
     -- that was lost.
     complete = since == tonumber(top)
 else
-    local first = redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[1], '+inf',
-        'WITHSCORES', 'LIMIT', 0, 1)
+    local first = redis.call('ZRANGEBYSCORE', log_key, after, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
     if not first[1] then
         complete = false -- everything after the cursor is gone
     else
+        -- The tail of src/message.rs, read as its `prev` reads it.
         local prev = string.match(first[1], ',"prev":(%d+),"timestamp":%d+}$')
         if prev then
             complete = since >= tonumber(prev)
@@ -61,5 +64,5 @@ end
 if broken ~= '' and since < tonumber(broken) then
     complete = false
 end
-complete = complete and (ARGV[4] == '' or ARGV[4] == epoch)
+complete = complete and (client_epoch == '' or client_epoch == epoch)
 return {complete and 1 or 0, messages, epoch, top}

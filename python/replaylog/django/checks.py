@@ -1,9 +1,10 @@
 """Django system checks for the replaylog settings.
 
 They validate the values replaylog would use (Django settings first, then the environment, as
-:class:`replaylog.ReplayLog` resolves them) with replaylog's own converters, then build a
-:class:`~replaylog.ReplayLog` from them, which parses the URL with the native module's parser and
-applies the rules between settings. Building one connects to nothing: the checks never touch Redis.
+:class:`replaylog.ReplayLog` resolves them) with replaylog's own converters, then resolve them
+together into the frozen settings a log is built from (the rules between settings), and build the
+native log from those, which parses the URL with the native module's parser. Building one connects
+to nothing: the checks never touch Redis.
 
 ==================  =====================================================================
 id                  reported when
@@ -42,8 +43,9 @@ from urllib.parse import urlsplit
 
 from django.core import checks
 
-from .. import ReplayLog, _settings
+from .. import _settings
 from .._errors import ConfigurationError
+from .._native import NativeLog
 
 __all__ = ["CHECK_IDS", "check_settings"]
 
@@ -120,14 +122,16 @@ def _error(message: str, name: str, check_id: str) -> checks.Error:
 
 
 def _build_error() -> tuple[str, str] | None:
-    """Build ReplayLogs from the settings (no connection): (setting, message) of what fails."""
-    try:  # every setting but the URL, which is replaced by one known to be good
-        # (sharded pub/sub, which needs a cluster URL, is judged with the URL below)
-        ReplayLog(url=_settings.DEFAULT_URL, sharded_pubsub=False).close()
+    """Resolve the settings together and build the native log from them (no connection):
+    (setting, message) of what fails; the setting is "" when no one setting is at fault."""
+    try:
+        settings = _settings.Settings.resolve()
+    except _settings.URLMismatch as exc:
+        return "REPLAYLOG_URL", f"REPLAYLOG_URL is not usable: {exc}"
     except ConfigurationError as exc:
         return "", str(exc)
-    try:  # and now the URL too, parsed as the native module will
-        ReplayLog().close()
+    try:  # the URL, parsed as the native module parses it
+        NativeLog(settings).close()
     except ConfigurationError as exc:
         return "REPLAYLOG_URL", f"REPLAYLOG_URL is not usable: {exc}"
     return None
