@@ -161,10 +161,22 @@ class SentinelGroup:
         with self.replica.client() as c:
             return c.info("replication").get("master_link_status") == "up"
 
+    def _ask(self, sentinel: RedisServer, *command: str) -> list[str]:
+        """A sentinel's answer as redis-cli prints it, one item a line (redis-py's parser for
+        SENTINEL MASTER breaks on some of its versions)."""
+        answer = subprocess.run(
+            [REDIS_CLI, "-p", str(sentinel.port), "SENTINEL", *command],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        return answer.stdout.splitlines()
+
     def _sentinels_agree(self) -> bool:
         for sentinel in self.sentinels:
-            with sentinel.client() as c:
-                master = c.sentinel_master(self.NAME)
+            lines = self._ask(sentinel, "MASTER", self.NAME)
+            master = dict(zip(lines[::2], lines[1::2]))
             if int(master["num-slaves"]) < 1 or int(master["num-other-sentinels"]) < 2:
                 return False
         return True
@@ -176,8 +188,7 @@ class SentinelGroup:
         return f"redis+sentinel://127.0.0.1:{first.port}/0?sentinel_master_name={self.NAME}{extra}"
 
     def master_port(self) -> int:
-        with self.sentinels[0].client() as c:
-            _, port = c.sentinel_get_master_addr_by_name(self.NAME)
+        _, port = self._ask(self.sentinels[0], "GET-MASTER-ADDR-BY-NAME", self.NAME)
         return int(port)
 
     def stop(self) -> None:
