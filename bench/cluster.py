@@ -34,7 +34,9 @@ class LocalCluster:
         self.ports = []
         while len(self.ports) < 6:
             port = free_port()
-            if port <= 55535 and port not in self.ports:  # room for the bus port, +10,000
+            # Room for its bus port, 10,000 above, which must not be another node's port.
+            taken = {p for chosen in self.ports for p in (chosen, chosen + 10_000)}
+            if port <= 55535 and not {port, port + 10_000} & taken:
                 self.ports.append(port)
         self.procs = [
             subprocess.Popen(

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import redis
 from conftest import RedisServer
-from topology import REDIS_CLI, cluster_port, wait_for
+from topology import REDIS_CLI, cluster_ports, wait_for
 
 import replaylog
 
@@ -136,9 +136,10 @@ def test_plain_redis_url_to_the_tls_port_fails_within_the_timeout(tls_redis: Tls
 
 def test_rediss_cluster_urls_reach_a_tls_cluster(tmp_path: Path) -> None:
     cluster = ["--cluster-enabled", "yes", "--tls-cluster", "yes"]
-    first = TlsRedis(tmp_path / "n0", *cluster, port=cluster_port())
+    ports = cluster_ports(3)
+    first = TlsRedis(tmp_path / "n0", *cluster, port=ports[0])
     nodes = [first] + [
-        TlsRedis(tmp_path / f"n{i}", *cluster, port=cluster_port(), sharing=first) for i in (1, 2)
+        TlsRedis(tmp_path / f"n{i}", *cluster, port=ports[i], sharing=first) for i in (1, 2)
     ]
     try:
         subprocess.run(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 import threading
 import time
@@ -25,18 +26,32 @@ def wait_for(condition, timeout: float, what: str) -> None:  # type: ignore[no-u
         time.sleep(0.05)
 
 
-def cluster_port() -> int:
-    """A free port that leaves room for its cluster bus port, 10,000 above."""
-    while True:
+def cluster_ports(count: int) -> list[int]:
+    """Free ports for `count` cluster nodes, each leaving room for its bus port 10,000 above,
+    and none of them another's bus port."""
+    ports: list[int] = []
+    while len(ports) < count:
         port = free_port()
-        if port <= 55535:
-            return port
+        taken = {p for chosen in ports for p in (chosen, chosen + 10_000)}
+        if port <= 55_535 and not {port, port + 10_000} & taken and port_is_free(port + 10_000):
+            ports.append(port)
+    return ports
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 class Cluster:
     """Three masters and three replicas; `cluster-node-timeout` 2 s, so a failover takes ~5 s."""
 
     def __init__(self, workdir: Path, *args: str) -> None:
+        ports = cluster_ports(6)
         self.nodes = [
             RedisServer(
                 workdir / f"node{index}",
@@ -49,7 +64,7 @@ class Cluster:
                 "--enable-debug-command",
                 "local",
                 *args,
-                port=cluster_port(),
+                port=ports[index],
             )
             for index in range(6)
         ]
