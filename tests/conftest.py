@@ -373,6 +373,15 @@ def blackhole_port() -> Iterator[int]:
     listener.close()
 
 
+def shut_down(*sockets: socket.socket) -> None:
+    """Ends both directions of each socket, as a reset link would; an already dead one is fine."""
+    for sock in sockets:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
 class LatencyProxy:
     """A threaded TCP proxy to ``target_port`` that delays every chunk by ``delay`` seconds,
     each way (so a round trip takes at least twice that). An end of stream on either side
@@ -441,11 +450,7 @@ class LatencyProxy:
                         raise OSError("end of stream")
                     destination.sendall(data)
                 except OSError:
-                    for sock in (source, destination):
-                        try:
-                            sock.shutdown(socket.SHUT_RDWR)
-                        except OSError:
-                            pass
+                    shut_down(source, destination)
                     return
 
         threading.Thread(target=read, daemon=True).start()
@@ -455,11 +460,8 @@ class LatencyProxy:
         self.stopped.set()
         self.listener.close()
         with self.lock:
+            shut_down(*self.sockets)
             for sock in self.sockets:
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
                 sock.close()
 
 

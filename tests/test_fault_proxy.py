@@ -14,7 +14,7 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
-from conftest import free_port
+from conftest import free_port, shut_down
 from test_asgi import Server
 from test_event_stream import SSE
 from topology import Stream
@@ -71,11 +71,7 @@ class FaultProxy:
                     raise OSError("end of stream")
                 destination.sendall(data)
             except OSError:
-                for sock in (source, destination):
-                    try:
-                        sock.shutdown(socket.SHUT_RDWR)
-                    except OSError:
-                        pass
+                shut_down(source, destination)
                 return
 
     def cut(self) -> None:
@@ -83,11 +79,7 @@ class FaultProxy:
         with self.lock:
             pairs, self.pairs = self.pairs, []
         for pair in pairs:
-            for sock in pair:
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+            shut_down(*pair)
 
     def chaos(self, seconds: float, seed: int) -> dict[str, int]:
         """Cuts, stalls (up to 1.5 s) and slows (up to 50 ms a chunk) links at random moments."""
