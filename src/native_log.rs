@@ -21,7 +21,9 @@ use crate::link::Link;
 use crate::message;
 use crate::native_subscription::NativeSubscription;
 use crate::seconds;
-use crate::store::{self, Broadcasted, Layout, Limits, Outgoing, ReplayRequest, Store};
+use crate::store::{
+    self, Broadcasted, Layout, Limits, Outgoing, ReplayRequest, ScanPosition, Store,
+};
 use crate::subscription::Request;
 
 /// A log's settings as `replaylog._settings.Settings` resolved them, read by attribute name.
@@ -323,27 +325,30 @@ impl NativeLog {
         )
     }
 
-    /// One SCAN step over the logs (see `Store::scan_logs`): `(next_cursor, redis_now_ms,
-    /// [(key, count, oldest, newest, ttl_ms, memory)])`.
-    #[pyo3(signature = (cursor, channels=None, expire_ms=None, dry_run=false))]
+    /// One SCAN step over the logs (see `Store::scan_logs`): `(next_position, redis_now_ms,
+    /// [(key, count, oldest, newest, ttl_ms, memory)])`. A position is `(node, cursor)`,
+    /// opaque to the caller: None starts the walk, and comes back when it is done.
+    #[pyo3(signature = (position, channels=None, expire_ms=None, dry_run=false))]
     fn scan_logs(
         &self,
         py: Python<'_>,
-        cursor: u64,
+        position: Option<(String, u64)>,
         channels: Option<String>,
         expire_ms: Option<i64>,
         dry_run: bool,
     ) -> PyResult<Py<PyAny>> {
+        let position = position.map(|(node, cursor)| ScanPosition { node, cursor });
         self.dispatch(
             py,
             "scan_logs",
             None,
             move |store, manager| async move {
                 store
-                    .scan_logs(manager, cursor, channels.as_deref(), expire_ms, dry_run)
+                    .scan_logs(manager, position, channels.as_deref(), expire_ms, dry_run)
                     .await
             },
             |py, (next, now, logs)| {
+                let next = next.map(|position| (position.node, position.cursor));
                 let logs: Vec<_> = logs
                     .into_iter()
                     .map(|log| {

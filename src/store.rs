@@ -699,80 +699,151 @@ impl Store {
         }
     }
 
-    /// One SCAN step over the logs of channels matching `channels`, from `cursor`: the next
-    /// cursor (0 when done) and, for each log found, its key, message count, oldest and newest
-    /// timestamps, time to live in ms (-1: none) and memory in bytes; plus the Redis clock.
-    /// With `expire_ms`, each log is also trimmed (or with `dry_run`, counted) as `prune` does,
-    /// and the count is of what it removed (or would remove). For the command line.
+    /// One SCAN step over the logs of channels matching `channels`, from `position` (None: the
+    /// start): where the next step starts (None when done), the Redis clock, and for each log
+    /// found its key, message count, oldest and newest timestamps, time to live in ms (-1:
+    /// none) and memory in bytes. With `expire_ms`, each log is also trimmed (or with
+    /// `dry_run`, counted) as `prune` does, and the count is of what it removed (or would
+    /// remove). For the command line.
+    ///
+    /// On a cluster the walk goes through the masters in address order, each SCAN paged on a
+    /// connection of its own to that master, as `prune` does.
     pub async fn scan_logs(
         &self,
         mut manager: Link,
-        cursor: u64,
+        position: Option<ScanPosition>,
         channels: Option<&str>,
         expire_ms: Option<i64>,
         dry_run: bool,
-    ) -> RedisResult<(u64, i64, Vec<LogStats>)> {
-        if manager.is_cluster() {
-            return Err(RedisError::from((
-                redis::ErrorKind::Client,
-                "the command line's log listing reads one server; on a cluster, point it at each master",
-            )));
-        }
-        let now = redis_now_ms(&mut manager).await?;
-        let mut scan = Pipeline::new();
-        scan.cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(self.log_pattern(channels))
-            .arg("COUNT")
-            .arg(SCAN_COUNT)
-            .arg("TYPE")
-            .arg("zset");
-        let ((next, keys),): ((u64, Vec<Vec<u8>>),) = query(&mut manager, &scan).await?;
-        let mut pipe = Pipeline::with_capacity(keys.len() * 6);
-        for key in &keys {
-            match expire_ms {
-                Some(expire_ms) if dry_run => {
-                    pipe.cmd("ZCOUNT").arg(key).arg("-inf").arg(now - expire_ms)
-                }
-                Some(expire_ms) => pipe
-                    .cmd("ZREMRANGEBYSCORE")
-                    .arg(key)
-                    .arg("-inf")
-                    .arg(now - expire_ms),
-                None => pipe.cmd("ZCARD").arg(key),
-            };
-            pipe.cmd("ZRANGE").arg(key).arg(0).arg(0).arg("WITHSCORES");
-            pipe.cmd("ZRANGE")
-                .arg(key)
-                .arg(-1)
-                .arg(-1)
-                .arg("WITHSCORES");
-            pipe.cmd("PTTL").arg(key);
-            pipe.cmd("MEMORY").arg("USAGE").arg(key);
-        }
-        let replies: Vec<Value> = if keys.is_empty() {
-            Vec::new()
-        } else {
-            query(&mut manager, &pipe).await?
-        };
-        let mut stats = Vec::with_capacity(keys.len());
-        for (key, replies) in keys.into_iter().zip(replies.chunks(5)) {
-            let score = |reply: &Value| -> RedisResult<Option<i64>> {
-                let pair: Vec<(Vec<u8>, f64)> = redis::from_redis_value(reply.clone())?;
-                Ok(pair.first().map(|(_, score)| *score as i64))
-            };
-            stats.push(LogStats {
-                key,
-                count: redis::from_redis_value(replies[0].clone())?,
-                oldest: score(&replies[1])?,
-                newest: score(&replies[2])?,
-                ttl_ms: redis::from_redis_value(replies[3].clone())?,
-                memory: redis::from_redis_value(replies[4].clone())?,
+    ) -> RedisResult<(Option<ScanPosition>, i64, Vec<LogStats>)> {
+        let pattern = self.log_pattern(channels);
+        if !manager.is_cluster() {
+            let cursor = position.map_or(0, |position| position.cursor);
+            let (next, now, stats) =
+                scan_step(&mut manager, cursor, &pattern, expire_ms, dry_run).await?;
+            let next = (next != 0).then(|| ScanPosition {
+                node: String::new(),
+                cursor: next,
             });
+            return Ok((next, now, stats));
         }
+        let mut masters: Vec<(String, ConnectionInfo)> =
+            cluster_masters(self.connection.cluster_seeds(), self.settings())
+                .await?
+                .into_iter()
+                .map(|master| (master.addr().to_string(), master))
+                .collect();
+        masters.sort_by(|a, b| a.0.cmp(&b.0));
+        let (address, master, cursor) = match &position {
+            None => {
+                let (address, master) = masters.first().ok_or_else(|| {
+                    RedisError::from((redis::ErrorKind::Client, "the cluster has no master"))
+                })?;
+                (address, master, 0)
+            }
+            Some(position) => {
+                let (address, master) = masters
+                    .iter()
+                    .find(|(address, _)| *address == position.node)
+                    .ok_or_else(|| {
+                        RedisError::from((
+                            redis::ErrorKind::Client,
+                            "the cluster's masters changed during the walk over the logs (a failover?)",
+                            format!("{} no longer serves slots; run it again", position.node),
+                        ))
+                    })?;
+                (address, master, position.cursor)
+            }
+        };
+        let mut node = node_connection(master, self.settings()).await?;
+        let (next, now, stats) = scan_step(&mut node, cursor, &pattern, expire_ms, dry_run).await?;
+        let next = if next != 0 {
+            Some(ScanPosition {
+                node: address.clone(),
+                cursor: next,
+            })
+        } else {
+            masters
+                .iter()
+                .find(|(other, _)| other > address)
+                .map(|(other, _)| ScanPosition {
+                    node: other.clone(),
+                    cursor: 0,
+                })
+        };
         Ok((next, now, stats))
     }
+}
+
+/// Where a walk over the logs stands: the node it is on (its address; empty for one server)
+/// and the SCAN cursor there.
+pub struct ScanPosition {
+    pub node: String,
+    pub cursor: u64,
+}
+
+/// One step of `Store::scan_logs` on one node (one server, or one cluster master).
+async fn scan_step(
+    node: &mut impl ConnectionLike,
+    cursor: u64,
+    pattern: &[u8],
+    expire_ms: Option<i64>,
+    dry_run: bool,
+) -> RedisResult<(u64, i64, Vec<LogStats>)> {
+    let now = redis_now_ms(node).await?;
+    let mut scan = Pipeline::new();
+    scan.cmd("SCAN")
+        .arg(cursor)
+        .arg("MATCH")
+        .arg(pattern)
+        .arg("COUNT")
+        .arg(SCAN_COUNT)
+        .arg("TYPE")
+        .arg("zset");
+    let ((next, keys),): ((u64, Vec<Vec<u8>>),) = query(node, &scan).await?;
+    let mut pipe = Pipeline::with_capacity(keys.len() * 6);
+    for key in &keys {
+        match expire_ms {
+            Some(expire_ms) if dry_run => {
+                pipe.cmd("ZCOUNT").arg(key).arg("-inf").arg(now - expire_ms)
+            }
+            Some(expire_ms) => pipe
+                .cmd("ZREMRANGEBYSCORE")
+                .arg(key)
+                .arg("-inf")
+                .arg(now - expire_ms),
+            None => pipe.cmd("ZCARD").arg(key),
+        };
+        pipe.cmd("ZRANGE").arg(key).arg(0).arg(0).arg("WITHSCORES");
+        pipe.cmd("ZRANGE")
+            .arg(key)
+            .arg(-1)
+            .arg(-1)
+            .arg("WITHSCORES");
+        pipe.cmd("PTTL").arg(key);
+        pipe.cmd("MEMORY").arg("USAGE").arg(key);
+    }
+    let replies: Vec<Value> = if keys.is_empty() {
+        Vec::new()
+    } else {
+        query(node, &pipe).await?
+    };
+    let mut stats = Vec::with_capacity(keys.len());
+    for (key, replies) in keys.into_iter().zip(replies.chunks(5)) {
+        let score = |reply: &Value| -> RedisResult<Option<i64>> {
+            let pair: Vec<(Vec<u8>, f64)> = redis::from_redis_value(reply.clone())?;
+            Ok(pair.first().map(|(_, score)| *score as i64))
+        };
+        stats.push(LogStats {
+            key,
+            count: redis::from_redis_value(replies[0].clone())?,
+            oldest: score(&replies[1])?,
+            newest: score(&replies[2])?,
+            ttl_ms: redis::from_redis_value(replies[3].clone())?,
+            memory: redis::from_redis_value(replies[4].clone())?,
+        });
+    }
+    Ok((next, now, stats))
 }
 
 /// What `scan_logs` tells of one log.
@@ -787,7 +858,7 @@ pub struct LogStats {
 }
 
 /// The Redis clock, in milliseconds.
-async fn redis_now_ms(manager: &mut Link) -> RedisResult<i64> {
+async fn redis_now_ms(manager: &mut impl ConnectionLike) -> RedisResult<i64> {
     let mut time = Pipeline::new();
     time.cmd("TIME");
     let ((seconds, micros),): ((i64, i64),) = query(manager, &time).await?;
@@ -796,7 +867,10 @@ async fn redis_now_ms(manager: &mut Link) -> RedisResult<i64> {
 
 /// Sends a pipeline. A refused connection sent nothing, so it is tried once more: the first
 /// call after Redis came back would otherwise fail on the connection that died with it.
-async fn query<T: redis::FromRedisValue>(manager: &mut Link, pipe: &Pipeline) -> RedisResult<T> {
+async fn query<T: redis::FromRedisValue>(
+    manager: &mut impl ConnectionLike,
+    pipe: &Pipeline,
+) -> RedisResult<T> {
     match pipe.query_async(manager).await {
         Err(e) if e.is_connection_refusal() => pipe.query_async(manager).await,
         outcome => outcome,

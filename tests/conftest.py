@@ -498,6 +498,18 @@ def watcher(rdb: redis.Redis) -> Iterator[PublishWatcher]:
 
 
 @pytest.fixture
+def server(replay_log: replaylog.ReplayLog, replaylog_url: str, tmp_path: Path) -> Iterator[Any]:
+    """The tests' Django project under uvicorn (test_asgi's ``Server``) on the session server;
+    its log must end without a traceback."""
+    from test_asgi import Server
+
+    srv = Server(replaylog_url, tmp_path / "uvicorn.log")
+    yield srv
+    srv.stop()
+    assert "Traceback" not in srv.log(), srv.log()
+
+
+@pytest.fixture
 def clean_default(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
     """No replaylog settings in the environment, no default log; restored afterwards."""
     for name in (

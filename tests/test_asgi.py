@@ -14,14 +14,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
 import django
-import pytest
 import redis
 from conftest import free_port
 
@@ -93,14 +91,6 @@ class Server:
             self.proc.kill()
             self.proc.wait(timeout=5)
         self._log.close()
-
-
-@pytest.fixture
-def server(replay_log: replaylog.ReplayLog, replaylog_url: str, tmp_path: Path) -> Iterator[Server]:
-    srv = Server(replaylog_url, tmp_path / "uvicorn.log")
-    yield srv
-    srv.stop()
-    assert "Traceback" not in srv.log(), srv.log()
 
 
 def pubsub_count(rdb: redis.Redis) -> int:

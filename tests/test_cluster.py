@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -70,6 +72,55 @@ def test_every_operation_on_a_cluster(cluster: Cluster) -> None:
         assert (await log.areplay("async", 0)).complete
 
     asyncio.run(async_twins())
+
+
+def test_the_command_line_lists_and_prunes_every_masters_logs(cluster: Cluster) -> None:
+    """`replaylog stats` and `replaylog prune` walk each master's SCAN in turn: every log once,
+    each master's keys over several SCAN steps."""
+    log = replaylog.ReplayLog(cluster.url)
+    channels = [f"cli-{index}" for index in range(4000)]
+    with cluster.client() as admin:
+        pipe = admin.pipeline(transaction=False)
+        for channel in channels:
+            pipe.zadd(f"replay:{{{channel}}}", {f'{{"old":"{channel}"}}': 1})
+        pipe.execute()
+        assert {cluster.master_of(f"replay:{{{c}}}").port for c in channels[:20]} == {
+            node.port for node in cluster.masters()
+        }
+    log.broadcast(channels[0], "e", "new")
+    positions = [log._native.scan_logs(None, "cli-*")[0]]
+    while positions[-1] is not None:
+        positions.append(log._native.scan_logs(positions[-1], "cli-*")[0])
+    # Over 1,000 keys a master (SCAN's COUNT): two steps or more on each.
+    assert len({node for node, cursor in positions[:-1] if cursor == 0}) == 2
+    assert len(positions) >= 6
+    # A master gone since the last step (a failover) ends the walk with an error that says so.
+    with pytest.raises(replaylog.ReplayLogError, match="no longer serves slots"):
+        log._native.scan_logs(("127.0.0.1:1", 5), "cli-*")
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(Path(sys.executable).with_name("replaylog")), "--url", cluster.url, *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    stats = cli("stats", "cli-*", "--json")
+    assert stats.returncode == 0, stats.stderr
+    rows = [json.loads(line) for line in stats.stdout.splitlines()]
+    assert sorted(row["channel"] for row in rows) == sorted(channels)
+    assert next(row for row in rows if row["channel"] == channels[0])["messages"] == 2
+
+    dry = cli("prune", "--dry-run", "--pattern", "cli-*", "--expire-ms", "60000")
+    assert dry.stdout.splitlines()[-1] == (
+        f"would remove {len(channels)} entries older than 1.0m from {len(channels)} logs"
+    ), dry.stderr
+    pruned = cli("prune", "--pattern", "cli-*", "--expire-ms", "60000")
+    assert pruned.stdout.splitlines()[-1].startswith(f"removed {len(channels)} entries"), pruned
+    assert [m["content"] for m in log.unspool(channels[0], 0)] == ["new"]
+    with cluster.client() as admin:
+        assert sum(admin.zcard(f"replay:{{{c}}}") for c in channels) == 1
 
 
 def test_subscriptions_on_a_cluster(cluster: Cluster) -> None:

@@ -25,14 +25,6 @@ import replaylog
 from replaylog.django.views import decode_position
 
 
-@pytest.fixture
-def server(replay_log: replaylog.ReplayLog, replaylog_url: str, tmp_path: Path) -> Iterator[Server]:
-    srv = Server(replaylog_url, tmp_path / "uvicorn.log")
-    yield srv
-    srv.stop()
-    assert "Traceback" not in srv.log(), srv.log()
-
-
 def port_open(port: int) -> bool:
     try:
         socket.create_connection(("127.0.0.1", port), timeout=0.5).close()

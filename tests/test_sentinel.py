@@ -37,6 +37,40 @@ def test_operations_through_sentinels(group: SentinelGroup) -> None:
         unknown.broadcast("x", "e", 1)
 
 
+def test_sentinels_and_nodes_behind_passwords(tmp_path: Path) -> None:
+    """The nodes' password from the URL's login, the sentinels' own from `sentinel_password`;
+    also after a failover, and a wrong sentinel password is a clear error."""
+    group = SentinelGroup(tmp_path, password="node-secret", sentinel_password="sentinel-secret")
+    try:
+        log = replaylog.ReplayLog(group.url)
+        first = log.broadcast("x", "e", 1)
+        old_port = group.master_port()
+        with group.sentinels[0].client() as sentinel:
+            sentinel.execute_command("SENTINEL", "FAILOVER", group.NAME)
+        wait_for(
+            lambda: group.master_port() != old_port, 30, "the sentinels to promote the replica"
+        )
+        wait_for(lambda: broadcasts(log), 30, "a broadcast to the new master")
+        with group.replica.client() as promoted:
+            assert promoted.info("replication")["role"] == "master"
+            assert promoted.zcard("replay:x") >= 2
+        assert log.unspool("x", 0)[0]["timestamp"] == first
+
+        wrong = replaylog.ReplayLog(group.url.replace("sentinel-secret", "wrong"))
+        with pytest.raises(replaylog.ReplayLogError, match="(?i)auth|password|pass"):
+            wrong.broadcast("x", "e", 1)
+    finally:
+        group.stop()
+
+
+def broadcasts(log: replaylog.ReplayLog) -> bool:
+    try:
+        log.broadcast("x", "e", 2)
+    except replaylog.ReplayLogError:
+        return False
+    return True
+
+
 @pytest.mark.parametrize("how", ["failover", "kill"])
 def test_a_failover_mid_stream(group: SentinelGroup, how: str) -> None:
     log = replaylog.ReplayLog(group.url, response_timeout=2, min_replicas=0)

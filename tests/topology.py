@@ -151,10 +151,24 @@ class SentinelGroup:
 
     NAME = "mymaster"
 
-    def __init__(self, workdir: Path) -> None:
-        self.master = RedisServer(workdir / "master", "--enable-debug-command", "local")
+    def __init__(
+        self, workdir: Path, password: str | None = None, sentinel_password: str | None = None
+    ) -> None:
+        """With `password`, the master and replica require it (and the sentinels log in with
+        it); with `sentinel_password`, so do the sentinels themselves."""
+        self.password = password
+        self.sentinel_password = sentinel_password
+        login = ["--requirepass", password, "--masterauth", password] if password else []
+        self.master = RedisServer(
+            workdir / "master", "--enable-debug-command", "local", *login, password=password
+        )
         self.replica = RedisServer(
-            workdir / "replica", "--replicaof", "127.0.0.1", str(self.master.port)
+            workdir / "replica",
+            "--replicaof",
+            "127.0.0.1",
+            str(self.master.port),
+            *login,
+            password=password,
         )
         wait_for(self._replica_in_sync, 20, "the replica to sync")
         self.sentinels = []
@@ -166,9 +180,18 @@ class SentinelGroup:
                 f"sentinel down-after-milliseconds {self.NAME} 1000\n"
                 f"sentinel failover-timeout {self.NAME} 5000\n"
                 f"sentinel parallel-syncs {self.NAME} 1\n"
+                + (f"sentinel auth-pass {self.NAME} {password}\n" if password else "")
+                # The sentinels log in to each other with their own requirepass.
+                + (f"requirepass {sentinel_password}\n" if sentinel_password else "")
             )
             self.sentinels.append(
-                RedisServer(conf.parent, str(conf), "--sentinel", config_first=True)
+                RedisServer(
+                    conf.parent,
+                    str(conf),
+                    "--sentinel",
+                    config_first=True,
+                    password=sentinel_password,
+                )
             )
         wait_for(self._sentinels_agree, 20, "the sentinels to see the replica and each other")
 
@@ -179,8 +202,11 @@ class SentinelGroup:
     def _ask(self, sentinel: RedisServer, *command: str) -> list[str]:
         """A sentinel's answer as redis-cli prints it, one item a line (redis-py's parser for
         SENTINEL MASTER breaks on some of its versions)."""
+        login = (
+            ["--no-auth-warning", "-a", self.sentinel_password] if self.sentinel_password else []
+        )
         answer = subprocess.run(
-            [REDIS_CLI, "-p", str(sentinel.port), "SENTINEL", *command],
+            [REDIS_CLI, "-p", str(sentinel.port), *login, "SENTINEL", *command],
             check=True,
             capture_output=True,
             text=True,
@@ -200,7 +226,13 @@ class SentinelGroup:
     def url(self) -> str:
         first, *others = self.sentinels
         extra = "".join(f"&addr=127.0.0.1:{s.port}" for s in others)
-        return f"redis+sentinel://127.0.0.1:{first.port}/0?sentinel_master_name={self.NAME}{extra}"
+        if self.sentinel_password:
+            extra += f"&sentinel_password={self.sentinel_password}"
+        login = f":{self.password}@" if self.password else ""
+        return (
+            f"redis+sentinel://{login}127.0.0.1:{first.port}/0"
+            f"?sentinel_master_name={self.NAME}{extra}"
+        )
 
     def master_port(self) -> int:
         _, port = self._ask(self.sentinels[0], "GET-MASTER-ADDR-BY-NAME", self.NAME)

@@ -50,11 +50,15 @@ class NativeLog:
     def delete_log(self, channel: str, *, aio: _Aio = None) -> Any: ...
     def scan_logs(
         self,
-        cursor: int,
+        position: tuple[str, int] | None,
         channels: str | None = None,
         expire_ms: int | None = None,
         dry_run: bool = False,
-    ) -> tuple[int, int, list[tuple[bytes, int, int | None, int | None, int, int | None]]]: ...
+    ) -> tuple[
+        tuple[str, int] | None,
+        int,
+        list[tuple[bytes, int, int | None, int | None, int, int | None]],
+    ]: ...
     def subscribe(
         self, channels: list[tuple[str, int | None, str | None]], *, aio: _Aio = None
     ) -> Any: ...

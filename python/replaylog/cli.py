@@ -129,10 +129,11 @@ def _channel_of(log: ReplayLog, key: bytes) -> str:
 
 
 def _logs(log: ReplayLog, pattern: str | None, **prune: Any) -> Iterator[tuple[int, list[Any]]]:
-    """Every SCAN step's ``(redis_now_ms, logs)``."""
-    cursor = None
-    while cursor != 0:
-        cursor, now, logs = log._native.scan_logs(cursor or 0, pattern, **prune)
+    """Every SCAN step's ``(redis_now_ms, logs)``; on a cluster, over every master."""
+    position, now, logs = log._native.scan_logs(None, pattern, **prune)
+    yield now, logs
+    while position is not None:
+        position, now, logs = log._native.scan_logs(position, pattern, **prune)
         yield now, logs
 
 
