@@ -565,19 +565,9 @@ async fn prune_node(
                 .arg(oldest_kept);
         }
         if let Some(position) = cursor {
-            pipe.cmd("SCAN")
-                .arg(position)
-                .arg("MATCH")
-                .arg(pattern)
-                .arg("COUNT")
-                .arg(SCAN_COUNT)
-                .arg("TYPE")
-                .arg("zset");
+            scan_for_logs(&mut pipe, position, pattern);
         }
-        let mut replies: Vec<Value> = match pipe.query_async(node).await {
-            Err(e) if e.is_connection_refusal() => pipe.query_async(node).await?,
-            replies => replies?,
-        };
+        let mut replies: Vec<Value> = query(node, &pipe).await?;
         let scan_reply = cursor.map(|_| replies.pop().expect("one reply per command"));
         for trimmed in replies {
             *removed += redis::from_redis_value::<i64>(trimmed)?;
@@ -591,6 +581,18 @@ async fn prune_node(
         }
     }
     Ok(())
+}
+
+/// Adds a SCAN step from `cursor` over the sorted sets whose keys match `pattern`.
+fn scan_for_logs(pipe: &mut Pipeline, cursor: u64, pattern: &[u8]) {
+    pipe.cmd("SCAN")
+        .arg(cursor)
+        .arg("MATCH")
+        .arg(pattern)
+        .arg("COUNT")
+        .arg(SCAN_COUNT)
+        .arg("TYPE")
+        .arg("zset");
 }
 
 /// A connection of its own to one cluster node: a walk of that node's keys must stay on it,
@@ -792,14 +794,7 @@ async fn scan_step(
 ) -> RedisResult<(u64, i64, Vec<LogStats>)> {
     let now = redis_now_ms(node).await?;
     let mut scan = Pipeline::new();
-    scan.cmd("SCAN")
-        .arg(cursor)
-        .arg("MATCH")
-        .arg(pattern)
-        .arg("COUNT")
-        .arg(SCAN_COUNT)
-        .arg("TYPE")
-        .arg("zset");
+    scan_for_logs(&mut scan, cursor, pattern);
     let ((next, keys),): ((u64, Vec<Vec<u8>>),) = query(node, &scan).await?;
     let mut pipe = Pipeline::with_capacity(keys.len() * 6);
     for key in &keys {
