@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import RedisServer
 from topology import SentinelGroup, Stream, wait_for
 
 import replaylog
@@ -47,8 +48,11 @@ def test_sentinels_and_nodes_behind_passwords(tmp_path: Path) -> None:
         old_port = group.master_port()
         with group.sentinels[0].client() as sentinel:
             sentinel.execute_command("SENTINEL", "FAILOVER", group.NAME)
+        # Until the old master is a replica, a write may still land there, and be lost.
         wait_for(
-            lambda: group.master_port() != old_port, 30, "the sentinels to promote the replica"
+            lambda: group.master_port() != old_port and role(group.master) == "slave",
+            30,
+            "the sentinels to promote the replica and demote the old master",
         )
         wait_for(lambda: broadcasts(log), 30, "a broadcast to the new master")
         with group.replica.client() as promoted:
@@ -61,6 +65,11 @@ def test_sentinels_and_nodes_behind_passwords(tmp_path: Path) -> None:
             wrong.broadcast("x", "e", 1)
     finally:
         group.stop()
+
+
+def role(server: RedisServer) -> str:
+    with server.client() as c:
+        return str(c.info("replication")["role"])
 
 
 def broadcasts(log: replaylog.ReplayLog) -> bool:

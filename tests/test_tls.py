@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import redis
-from conftest import RedisServer
+from conftest import RedisServer, free_port
 from topology import REDIS_CLI, cluster_ports, wait_for
 
 import replaylog
@@ -176,3 +176,86 @@ def test_rediss_cluster_urls_reach_a_tls_cluster(tmp_path: Path) -> None:
     finally:
         for node in nodes:
             node.stop()
+
+
+def test_rediss_sentinel_urls_reach_a_tls_sentinel_group(tmp_path: Path) -> None:
+    """A master and a replica that speak only TLS, a sentinel that answers on TLS (its plain
+    port is the test's own): calls find the master over TLS, and follow a failover."""
+    master = TlsRedis(tmp_path / "master", "--tls-replication", "yes")
+    replica = TlsRedis(
+        tmp_path / "replica",
+        "--tls-replication",
+        "yes",
+        "--replicaof",
+        "127.0.0.1",
+        str(master.port),
+        sharing=master,
+    )
+    servers: list[RedisServer] = [master, replica]
+    try:
+        wait_for(
+            lambda: replication(replica, "master_link_status") == "up",
+            20,
+            "the replica to sync over TLS",
+        )
+        tls_port = free_port()
+        conf = tmp_path / "sentinel" / "sentinel.conf"
+        conf.parent.mkdir()
+        conf.write_text(
+            f"sentinel monitor mymaster 127.0.0.1 {master.port} 1\n"
+            "sentinel down-after-milliseconds mymaster 1000\n"
+            "sentinel failover-timeout mymaster 5000\n"
+            f"tls-port {tls_port}\n"
+            f"tls-cert-file {master.cert}\n"
+            f"tls-key-file {master.key}\n"
+            f"tls-ca-cert-file {master.cert}\n"
+            "tls-auth-clients no\n"
+            # The sentinel reaches the nodes over TLS too.
+            "tls-replication yes\n"
+        )
+        sentinel = RedisServer(conf.parent, str(conf), "--sentinel", config_first=True)
+        servers.append(sentinel)
+        log = replaylog.ReplayLog(
+            f"rediss+sentinel://127.0.0.1:{tls_port}/0?sentinel_master_name=mymaster#insecure"
+        )
+        first = log.broadcast("x", "e", 1)
+        with master.client() as c:
+            assert c.zcard("replay:x") == 1
+
+        def failed_over() -> bool:
+            with sentinel.client() as c:
+                try:
+                    c.execute_command("SENTINEL", "FAILOVER", "mymaster")
+                except redis.ResponseError:  # the sentinel has not seen the replica yet
+                    return False
+                return True
+
+        wait_for(failed_over, 20, "the sentinel to take a failover")
+
+        def switched() -> bool:
+            with sentinel.client() as c:
+                _, port = c.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", "mymaster")
+            return int(port) == replica.port and replication(master, "role") == "slave"
+
+        # Until the old master is a replica, a write may still land there, and be lost.
+        wait_for(switched, 30, "the sentinel to switch masters and demote the old one")
+
+        def broadcast() -> bool:
+            try:
+                log.broadcast("x", "e", 2)
+            except replaylog.ReplayLogError:
+                return False
+            return True
+
+        wait_for(broadcast, 30, "a broadcast to the promoted replica")
+        with replica.client() as c:
+            assert c.zcard("replay:x") >= 2
+        assert log.unspool("x", 0)[0]["timestamp"] == first
+    finally:
+        for server in servers:
+            server.stop()
+
+
+def replication(server: TlsRedis, field: str) -> Any:
+    with server.client() as c:
+        return c.info("replication").get(field)
