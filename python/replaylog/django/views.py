@@ -39,7 +39,14 @@ from django.http import (
 from django.views import View
 
 import replaylog
-from replaylog import IncompleteReplayError, Position, ReplayLog, ReplayLogError
+from replaylog import (
+    AsyncSubscription,
+    IncompleteReplayError,
+    Position,
+    ReplayLog,
+    ReplayLogError,
+    Subscription,
+)
 
 OPEN_EVENT = "stream-open"
 RESET_EVENT = "stream-reset"
@@ -209,6 +216,15 @@ class _Stream:
         logger.warning("event stream of %s not opened: %s", self.channels, error)
         return f"retry: {self.view.retry_ms}\n: unavailable\n\n"
 
+    def _after(self, message: Any, subscription: Subscription | AsyncSubscription) -> str | None:
+        """What a wait on the subscription gives the browser: the message's frame, a
+        keep-alive comment after a quiet heartbeat, or None once the subscription closed."""
+        if message is not None:
+            return _frame(message["event_name"], message, encode_position(subscription.position))
+        if subscription.closed:
+            return None
+        return ": keep-alive\n\n"
+
     async def events(self) -> AsyncIterator[str]:
         limit = self.view.max_replay + 1
         try:
@@ -232,13 +248,10 @@ class _Stream:
                 except IncompleteReplayError as gap:
                     reset = [gap.channel]
                     continue
-                if message is not None:
-                    position = encode_position(subscription.position)
-                    yield _frame(message["event_name"], message, position)
-                elif subscription.closed:
+                frame = self._after(message, subscription)
+                if frame is None:
                     return
-                else:
-                    yield ": keep-alive\n\n"
+                yield frame
 
     def events_sync(self) -> Iterator[str]:
         limit = self.view.max_replay + 1
@@ -261,10 +274,7 @@ class _Stream:
                 except IncompleteReplayError as gap:
                     reset = [gap.channel]
                     continue
-                if message is not None:
-                    position = encode_position(subscription.position)
-                    yield _frame(message["event_name"], message, position)
-                elif subscription.closed:
+                frame = self._after(message, subscription)
+                if frame is None:
                     return
-                else:
-                    yield ": keep-alive\n\n"
+                yield frame
