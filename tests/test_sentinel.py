@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 from conftest import RedisServer
 from topology import SentinelGroup, Stream, wait_for
 
@@ -67,9 +68,14 @@ def test_sentinels_and_nodes_behind_passwords(tmp_path: Path) -> None:
         group.stop()
 
 
-def role(server: RedisServer) -> str:
-    with server.client() as c:
-        return str(c.info("replication")["role"])
+def role(server: RedisServer) -> str | None:
+    """The server's replication role; None while it is changing (a master turning replica
+    closes its clients' connections)."""
+    try:
+        with server.client() as c:
+            return str(c.info("replication")["role"])
+    except redis.ConnectionError:
+        return None
 
 
 def broadcasts(log: replaylog.ReplayLog) -> bool:
