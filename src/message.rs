@@ -138,6 +138,7 @@ mod tests {
         let (complete, replayed, _, _): (i64, Vec<Vec<u8>>, String, Option<i64>) = replay
             .key("log")
             .key("meta")
+            .key("mark")
             .arg(format!("({}", timestamps[0]))
             .arg(timestamps[0])
             .arg(-1)

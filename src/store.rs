@@ -420,9 +420,10 @@ impl Store {
             .map(|ReplayRequest { keys, since, epoch }| {
                 let mut cmd = redis::cmd("EVALSHA");
                 cmd.arg(self.replay_script.get_hash())
-                    .arg(2)
+                    .arg(3)
                     .arg(&keys.log)
                     .arg(&keys.meta)
+                    .arg(&keys.mark)
                     .arg(since.exclusive_min())
                     .arg(since.as_number())
                     .arg(limit.map_or(-1, |n| n as i64))

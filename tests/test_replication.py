@@ -194,3 +194,39 @@ def test_a_message_the_failover_lost_makes_older_cursors_incomplete(
     assert [m["timestamp"] for m in after.replay("room", fresh).messages] == [later]
     # So is a master that writes on: no break without a failover.
     assert after.replay("room", later).complete is True
+
+
+def test_a_replay_before_the_new_masters_first_write_is_incomplete_too(
+    master_and_replica: tuple[RedisServer, RedisServer],
+) -> None:
+    # The same loss, but the client comes back before anything is broadcast on the channel
+    # again: the new master has not recorded the break yet, and must not vouch for the cursor.
+    master, replica = master_and_replica
+    before = replaylog.ReplayLog(master.url)
+    seen = before.broadcast("room", "e", "replicated")
+    epoch = before.replay("room", seen).epoch
+    with replica.client() as client:
+        deadline = time.monotonic() + 10
+        while client.zcard("replay:room") < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    with replica.client() as promoted:
+        promoted.execute_command("REPLICAOF", "NO", "ONE")
+    before.broadcast("room", "e", "acknowledged, never replicated")
+    master.stop()
+    before.close()
+    after = replaylog.ReplayLog(replica.url)
+    replayed = after.replay("room", seen, epoch=epoch)
+    assert replayed.messages == [] and replayed.complete is False
+    # A subscription from that cursor, opened before the first write, is told too: the
+    # first message the new master writes does not chain it past the loss.
+    with after.subscribe("room", since=seen) as subscription:
+        fresh = after.broadcast("room", "e", "after the failover")
+        with pytest.raises(replaylog.IncompleteReplayError):
+            subscription.get(timeout=10)
+        message = subscription.get(timeout=10)
+        assert message is None or message["timestamp"] == fresh
+    # Once told, a client resumes from where the verdict says, and is vouched for again.
+    resume = after.replay("room", seen, epoch=epoch)
+    assert resume.complete is False
+    assert after.replay("room", fresh).complete is True

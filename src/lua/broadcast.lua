@@ -12,7 +12,8 @@
 -- replica that took over, so no replay from a cursor before `break` is vouched for.
 -- The writing master's mark tells a new master: it is written without replication (nor AOF),
 -- so a replica that took over, or a master restarted from its AOF, lacks it while it has the
--- replicated bookkeeping. Resharding moves it with the channel's other keys.
+-- replicated bookkeeping (replay.lua reads that too: until the new master writes, no replay is
+-- vouched for). Resharding moves it with the channel's other keys.
 -- (Bookkeeping written before `epoch` or `break` existed has three or four fields; its epoch is
 -- `base`, and no break is recorded until a master has marked it.)
 -- `prev` chains each message to the one before, so a replay can tell whether anything

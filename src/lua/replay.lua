@@ -12,6 +12,7 @@
 
 local log_key = KEYS[1]
 local meta_key = KEYS[2] -- the bookkeeping, as broadcast.lua defines and writes it
+local mark_key = KEYS[3] -- the writing master's mark (broadcast.lua)
 local after = ARGV[1] -- the exclusive lower bound, e.g. "(1700000000000"
 local since = tonumber(ARGV[2]) -- the cursor as a number
 local limit = ARGV[3] -- the most messages to return, or "-1" for all
@@ -60,8 +61,10 @@ end
 if epoch == '' then
     epoch = base
 end
--- Across a failover, the old master's last acknowledged messages may be missing.
-if broken ~= '' and since < tonumber(broken) then
+-- Across a failover, the old master's last acknowledged messages may be missing: from
+-- before the break the new master recorded, or, before it has written anything, from any
+-- cursor (bookkeeping that a master marked, without this master's mark).
+if broken ~= '' and (since < tonumber(broken) or redis.call('EXISTS', mark_key) == 0) then
     complete = false
 end
 complete = complete and (client_epoch == '' or client_epoch == epoch)
