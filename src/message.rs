@@ -135,7 +135,7 @@ mod tests {
         // The first message of a history has no `prev`; the next one links to it.
         assert_eq!(prev(&messages[0]), None);
         assert_eq!(prev(&messages[1]), Some(timestamps[0]));
-        let (complete, replayed, _, _): (i64, Vec<Vec<u8>>, String, Option<i64>) = replay
+        let (complete, replayed, _, _, _): (i64, Vec<Vec<u8>>, String, Option<i64>, i64) = replay
             .key("log")
             .key("meta")
             .key("mark")

@@ -22,6 +22,7 @@ use crate::target::with_address;
 
 const BROADCAST_LUA: &str = include_str!("lua/broadcast.lua");
 const REPLAY_LUA: &str = include_str!("lua/replay.lua");
+const SEAL_LUA: &str = include_str!("lua/seal.lua");
 const DELETE_LUA: &str = include_str!("lua/delete.lua");
 
 /// Keys SCAN looks at per step: enough to amortize the round trip, few enough that
@@ -193,6 +194,7 @@ pub struct Store {
     limits: Limits,
     broadcast_script: Script,
     replay_script: Script,
+    seal_script: Script,
     delete_script: Script,
     /// Where the log lives, password masked, for error messages.
     label: String,
@@ -212,6 +214,7 @@ impl Store {
             limits,
             broadcast_script: Script::new(BROADCAST_LUA),
             replay_script: Script::new(REPLAY_LUA),
+            seal_script: Script::new(SEAL_LUA),
             delete_script: Script::new(DELETE_LUA),
             label,
             secret,
@@ -408,13 +411,59 @@ impl Store {
     }
 
     /// Like `unspool`, plus whether each replay is complete: false when a message after the
-    /// cursor existed but is gone (pruned, trimmed, expired, flushed).
+    /// cursor existed but is gone (pruned, trimmed, expired, flushed, or lost in a failover).
+    ///
+    /// A log whose new master has not recorded its failover's break yet (see `seal.lua`) gets
+    /// it recorded, and is replayed again: the position a client goes on from once told is
+    /// then one the new master's messages chain to, so it is not told twice.
     pub async fn replay(
         &self,
         mut manager: Link,
         requests: &[ReplayRequest],
         limit: Option<u64>,
     ) -> RedisResult<Vec<Replayed>> {
+        let all: Vec<&ReplayRequest> = requests.iter().collect();
+        let mut replayed = self.replay_once(&mut manager, &all, limit).await?;
+        let unsealed: Vec<usize> = (0..requests.len())
+            .filter(|&index| replayed[index].1)
+            .collect();
+        if unsealed.is_empty() {
+            return Ok(replayed.into_iter().map(|(replay, _)| replay).collect());
+        }
+        let seals: Vec<Cmd> = unsealed
+            .iter()
+            .map(|&index| {
+                let keys = &requests[index].keys;
+                let mut cmd = redis::cmd("EVALSHA");
+                cmd.arg(self.seal_script.get_hash())
+                    .arg(2)
+                    .arg(&keys.meta)
+                    .arg(&keys.mark);
+                cmd
+            })
+            .collect();
+        // A seal refused (OOM, a replica now) leaves the first verdict, incomplete already.
+        if run_scripts(&mut manager, &self.seal_script, &seals)
+            .await
+            .is_ok()
+        {
+            let again: Vec<&ReplayRequest> =
+                unsealed.iter().map(|&index| &requests[index]).collect();
+            let replays = self.replay_once(&mut manager, &again, limit).await?;
+            for (index, replay) in unsealed.into_iter().zip(replays) {
+                replayed[index] = replay;
+            }
+        }
+        Ok(replayed.into_iter().map(|(replay, _)| replay).collect())
+    }
+
+    /// One round trip of `replay.lua`: each replay, and whether its log is unsealed.
+    async fn replay_once(
+        &self,
+        manager: &mut Link,
+        requests: &[&ReplayRequest],
+        limit: Option<u64>,
+    ) -> RedisResult<Vec<(Replayed, bool)>> {
         let commands: Vec<Cmd> = requests
             .iter()
             .map(|ReplayRequest { keys, since, epoch }| {
@@ -431,18 +480,24 @@ impl Store {
                 cmd
             })
             .collect();
-        let replies = run_scripts(&mut manager, &self.replay_script, &commands).await?;
+        let replies = run_scripts(manager, &self.replay_script, &commands).await?;
         replies
             .into_iter()
             .map(|reply| {
-                let (complete, messages, epoch, latest): (i64, Vec<Vec<u8>>, String, Option<f64>) =
-                    redis::from_redis_value(reply)?;
-                Ok(Replayed {
+                let (complete, messages, epoch, latest, unsealed): (
+                    i64,
+                    Vec<Vec<u8>>,
+                    String,
+                    Option<f64>,
+                    i64,
+                ) = redis::from_redis_value(reply)?;
+                let replay = Replayed {
                     complete: complete == 1,
                     messages,
                     epoch,
                     latest: latest.map(|score| score as i64),
-                })
+                };
+                Ok((replay, unsealed == 1))
             })
             .collect()
     }

@@ -5,6 +5,7 @@ durability part). A real master and replica on loopback."""
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import threading
 import time
@@ -184,7 +185,14 @@ def test_a_message_the_failover_lost_makes_older_cursors_incomplete(
     master.stop()
     before.close()
     after = replaylog.ReplayLog(replica.url)
-    fresh = after.broadcast("room", "e", "after the failover")
+    with replica.client() as promoted, promoted.pubsub() as listener:
+        listener.subscribe("mq:room")
+        assert listener.get_message(timeout=5)["type"] == "subscribe"
+        fresh = after.broadcast("room", "e", "after the failover")
+        published = json.loads(listener.get_message(timeout=5)["data"])
+    # The first message after the failover chains to the break, a timestamp of its own: a
+    # subscriber still at the old newest message does not read it as the next one.
+    assert published["timestamp"] == fresh and published["prev"] == seen + 1
     replayed = after.replay("room", seen, epoch=epoch)
     assert lost not in [m["timestamp"] for m in replayed.messages]
     assert replayed.complete is False
@@ -222,11 +230,13 @@ def test_a_replay_before_the_new_masters_first_write_is_incomplete_too(
     # first message the new master writes does not chain it past the loss.
     with after.subscribe("room", since=seen) as subscription:
         fresh = after.broadcast("room", "e", "after the failover")
-        with pytest.raises(replaylog.IncompleteReplayError):
+        with pytest.raises(replaylog.IncompleteReplayError) as told:
             subscription.get(timeout=10)
+        # Told once: it goes on from a position the new master's messages follow.
         message = subscription.get(timeout=10)
-        assert message is None or message["timestamp"] == fresh
-    # Once told, a client resumes from where the verdict says, and is vouched for again.
-    resume = after.replay("room", seen, epoch=epoch)
-    assert resume.complete is False
+        assert message is not None and message["timestamp"] == fresh
+    assert told.value.resume is not None
+    again = after.replay("room", told.value.resume, epoch=told.value.epoch)
+    assert again.complete is True and [m["timestamp"] for m in again.messages] == [fresh]
+    assert after.replay("room", seen, epoch=epoch).complete is False
     assert after.replay("room", fresh).complete is True

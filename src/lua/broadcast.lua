@@ -7,13 +7,15 @@
 -- definition; replay.lua reads it. `top` is the newest timestamp issued, `base` the first
 -- cursor the log vouches for, `fresh` whether it vouches for cursor 0 too, `epoch` the name of
 -- this history: the Redis time in µs when it began, so a log deleted and started again within
--- one millisecond still gets a new one. `break`: the first timestamp a new master wrote after
--- a failover (0 for none). What the old master acknowledged last may never have reached the
--- replica that took over, so no replay from a cursor before `break` is vouched for.
+-- one millisecond still gets a new one. `break`: a timestamp a new master issued after a
+-- failover, stored with no message (0 for none); its messages chain to it. What the old master
+-- acknowledged last may never have reached the replica that took over, so no replay from a
+-- cursor before `break` is vouched for, and no message after it follows such a cursor.
 -- The writing master's mark tells a new master: it is written without replication (nor AOF),
 -- so a replica that took over, or a master restarted from its AOF, lacks it while it has the
--- replicated bookkeeping (replay.lua reads that too: until the new master writes, no replay is
--- vouched for). Resharding moves it with the channel's other keys.
+-- replicated bookkeeping. The first broadcast there records the break; a replay that comes
+-- first has seal.lua record it (replay.lua reports the missing mark). Resharding moves the
+-- mark with the channel's other keys.
 -- (Bookkeeping written before `epoch` or `break` existed has three or four fields; its epoch is
 -- `base`, and no break is recorded until a master has marked it.)
 -- `prev` chains each message to the one before, so a replay can tell whether anything
@@ -48,8 +50,15 @@ if meta then
     base, top, fresh, epoch, broken = string.match(meta, '^(%d+) (%d+) (%d) ?(%d*) ?(%d*)$')
     top = tonumber(top)
 end
--- Bookkeeping with a `break` field was written by a master that marks it.
+-- Bookkeeping with a `break` field was written by a master that marks it; without this
+-- master's mark, another wrote it: a failover happened since, and this is the break.
 local marked_history = top and broken ~= ''
+if marked_history and redis.call('EXISTS', mark_key) == 0 then
+    top = top + 1
+    broken = string.format('%d', top)
+elseif not marked_history then
+    broken = '0'
+end
 if not top then
     -- No (readable) bookkeeping: a new channel, one lost to FLUSHALL or expiry, or a log the
     -- article's code wrote. Entries already there are intact from the newest one on.
@@ -85,12 +94,6 @@ end
 -- the log expired can still tell that messages were lost.
 local bookkeeping_ttl = string.format('%d', tonumber(ttl_ms) * 2)
 redis.call('PEXPIRE', log_key, ttl_ms)
--- Bookkeeping this master did not mark was written by another: a failover happened since.
-if marked_history and redis.call('EXISTS', mark_key) == 0 then
-    broken = string.format('%d', timestamp)
-elseif not marked_history then
-    broken = '0'
-end
 redis.call('SET', meta_key,
     string.format('%s %d %s %s %s', base, timestamp, fresh, epoch, broken),
     'PX', bookkeeping_ttl)

@@ -1,9 +1,10 @@
 #!lua flags=no-writes
 -- The messages of one log after a cursor, and whether that replay is complete.
--- Returns {complete (1 or 0), {messages...}, epoch, latest timestamp or false}: the newest
--- timestamp issued on the channel, stored or since removed, is where "from now" starts. The
--- epoch names this log's history: it changes when the bookkeeping is lost (FLUSHALL, a restart
--- without persistence).
+-- Returns {complete (1 or 0), {messages...}, epoch, latest timestamp or false, unsealed (1 or
+-- 0)}: the newest timestamp issued on the channel, stored or since removed, is where "from
+-- now" starts. The epoch names this log's history: it changes when the bookkeeping is lost
+-- (FLUSHALL, a restart without persistence). `unsealed`: a failover happened and this master
+-- has not recorded its break yet (seal.lua does).
 --
 -- Logs only ever lose their oldest entries (prune, max_len, expiry), so the log is an unbroken
 -- run of the channel's latest messages. The replay is complete when the first message after
@@ -30,12 +31,12 @@ if not meta then
     -- Nothing is known of this log's past: only "everything" of nothing is complete.
     local newest = redis.call('ZRANGE', log_key, -1, -1, 'WITHSCORES')[2] or false
     local complete = since <= 0 and not newest and client_epoch == ''
-    return {complete and 1 or 0, messages, '', newest}
+    return {complete and 1 or 0, messages, '', newest, 0}
 end
 
 local base, top, fresh, epoch, broken = string.match(meta, '^(%d+) (%d+) (%d) ?(%d*) ?(%d*)$')
 if not base then
-    return {0, messages, '', false} -- unreadable bookkeeping: nothing can be vouched for
+    return {0, messages, '', false, 0} -- unreadable bookkeeping: nothing can be vouched for
 end
 local complete
 if since >= tonumber(top) then
@@ -62,10 +63,11 @@ if epoch == '' then
     epoch = base
 end
 -- Across a failover, the old master's last acknowledged messages may be missing: from
--- before the break the new master recorded, or, before it has written anything, from any
--- cursor (bookkeeping that a master marked, without this master's mark).
-if broken ~= '' and (since < tonumber(broken) or redis.call('EXISTS', mark_key) == 0) then
+-- before the break the new master recorded, or, before it has recorded one, from any cursor
+-- (bookkeeping that a master marked, without this master's mark).
+local unsealed = broken ~= '' and redis.call('EXISTS', mark_key) == 0
+if unsealed or (broken ~= '' and since < tonumber(broken)) then
     complete = false
 end
 complete = complete and (client_epoch == '' or client_epoch == epoch)
-return {complete and 1 or 0, messages, epoch, top}
+return {complete and 1 or 0, messages, epoch, top, unsealed and 1 or 0}
