@@ -163,12 +163,10 @@ def test_every_acknowledged_broadcast_survives_the_masters_death(
     assert set(acknowledged) <= survived
 
 
-def test_a_message_the_failover_lost_makes_older_cursors_incomplete(
-    master_and_replica: tuple[RedisServer, RedisServer],
-) -> None:
-    # Without min_replicas: a message the master acknowledged but never sent to its replica is
-    # gone once the replica takes over. A client that had not seen it must be told.
-    master, replica = master_and_replica
+def lose_a_message_in_a_failover(master: RedisServer, replica: RedisServer) -> tuple[int, str, int]:
+    """Without min_replicas: the replica takes over (its link to the master is gone, as in a
+    partition) while the old master still acknowledges one more broadcast, then dies. Returns
+    the cursor and epoch of the last message the replica got, and the lost one's timestamp."""
     before = replaylog.ReplayLog(master.url)
     seen = before.broadcast("room", "e", "replicated")
     epoch = before.replay("room", seen).epoch
@@ -177,13 +175,21 @@ def test_a_message_the_failover_lost_makes_older_cursors_incomplete(
         while client.zcard("replay:room") < 1:
             assert time.monotonic() < deadline
             time.sleep(0.01)
-    # The replica takes over (its link to the master is gone, as in a partition), while the old
-    # master still acknowledges one more broadcast, then dies.
     with replica.client() as promoted:
         promoted.execute_command("REPLICAOF", "NO", "ONE")
     lost = before.broadcast("room", "e", "acknowledged, never replicated")
     master.stop()
     before.close()
+    return seen, epoch, lost
+
+
+def test_a_message_the_failover_lost_makes_older_cursors_incomplete(
+    master_and_replica: tuple[RedisServer, RedisServer],
+) -> None:
+    # A message the master acknowledged but never sent to its replica is gone once the replica
+    # takes over. A client that had not seen it must be told.
+    master, replica = master_and_replica
+    seen, epoch, lost = lose_a_message_in_a_failover(master, replica)
     after = replaylog.ReplayLog(replica.url)
     with replica.client() as promoted, promoted.pubsub() as listener:
         listener.subscribe("mq:room")
@@ -210,19 +216,7 @@ def test_a_replay_before_the_new_masters_first_write_is_incomplete_too(
     # The same loss, but the client comes back before anything is broadcast on the channel
     # again: the new master has not recorded the break yet, and must not vouch for the cursor.
     master, replica = master_and_replica
-    before = replaylog.ReplayLog(master.url)
-    seen = before.broadcast("room", "e", "replicated")
-    epoch = before.replay("room", seen).epoch
-    with replica.client() as client:
-        deadline = time.monotonic() + 10
-        while client.zcard("replay:room") < 1:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-    with replica.client() as promoted:
-        promoted.execute_command("REPLICAOF", "NO", "ONE")
-    before.broadcast("room", "e", "acknowledged, never replicated")
-    master.stop()
-    before.close()
+    seen, epoch, _ = lose_a_message_in_a_failover(master, replica)
     after = replaylog.ReplayLog(replica.url)
     replayed = after.replay("room", seen, epoch=epoch)
     assert replayed.messages == [] and replayed.complete is False
