@@ -11,7 +11,7 @@
 //! - The head is made here, when a broadcast is serialized, before anything is sent.
 //! - The tail is added by `lua/broadcast.lua` in the atomic step that stores and publishes the
 //!   message: `T` is the Redis clock in ms, strictly above `P`, the channel's timestamp before
-//!   it. The first message of a history (the bookkeeping, defined in that script, is new or
+//!   it (after a failover, the break that script issues). The first message of a history (the bookkeeping, defined in that script, is new or
 //!   lost) has nothing to chain to, and its tail is `,"timestamp":<T>}`.
 //! - The tail is read back from the message's last bytes, without parsing the rest: by
 //!   `timestamp` and `prev` here (a subscription orders live messages with them), and by
