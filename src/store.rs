@@ -427,9 +427,6 @@ impl Store {
         let unsealed: Vec<usize> = (0..requests.len())
             .filter(|&index| replayed[index].1)
             .collect();
-        if unsealed.is_empty() {
-            return Ok(replayed.into_iter().map(|(replay, _)| replay).collect());
-        }
         let seals: Vec<Cmd> = unsealed
             .iter()
             .map(|&index| {
@@ -443,9 +440,10 @@ impl Store {
             })
             .collect();
         // A seal refused (OOM, a replica now) leaves the first verdict, incomplete already.
-        if run_scripts(&mut manager, &self.seal_script, &seals)
-            .await
-            .is_ok()
+        if !seals.is_empty()
+            && run_scripts(&mut manager, &self.seal_script, &seals)
+                .await
+                .is_ok()
         {
             let again: Vec<&ReplayRequest> =
                 unsealed.iter().map(|&index| &requests[index]).collect();
